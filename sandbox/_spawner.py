@@ -1,0 +1,103 @@
+"""The spawner: a small, single-threaded, stdlib-only fork server.
+
+Started once per supervisor as ``python -I -S -c ...`` with its control socket's number
+as an argument.
+For each ``spawn`` request it clones a sandbox init straight into fresh namespaces (one
+clone(2) with CLONE_PIDFD, so the pidfd can never name a recycled pid) and hands back the
+init's pid, its pidfd and one end of a socketpair to talk to it. It never runs Python code
+of the supervisor's (trio, msgpack and friends are never imported here) and it is never a
+fork of a multi-threaded process.
+
+Requests (JSON over SOCK_SEQPACKET, see `jail.wire`)::
+
+    {"id": N, "op": "spawn", "flags": CLONE_FLAGS, "prepare": [ops...],
+     "idmap": null | {"uid": [[inside, outside, count], ...], "gid": [...]}}
+    {"id": N, "op": "ping"}
+
+Replies: ``{"id": N, "pid": PID}`` with descriptors ``[pidfd, socket]``, or
+``{"id": N, "error": "..."}``. Exited inits are reaped by the kernel (SIGCHLD ignored);
+the supervisor learns of an exit from the pidfd.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from . import linux
+from .jail import init, ops, wire
+
+
+def _write_idmaps(pid: int, idmap: dict[str, list[list[int]]]) -> None:
+    for tool, key in (("newuidmap", "uid"), ("newgidmap", "gid")):
+        args = [str(x) for triple in idmap[key] for x in triple]
+        proc = subprocess.run([tool, str(pid), *args], capture_output=True, text=True,
+                              check=False, timeout=10)
+        if proc.returncode != 0:
+            detail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+            raise OSError(f"{tool} failed: {detail[0]}")
+
+
+def _spawn(ctl: socket.socket, msg: dict[str, object], lifeline: tuple[int, int]) -> None:
+    prepare = ops.decode(msg["prepare"])  # type: ignore[arg-type]
+    flags = int(msg["flags"])  # type: ignore[call-overload]
+    idmap = msg.get("idmap")
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    idmap_r, idmap_w = os.pipe() if idmap else (-1, -1)
+    try:
+        pid, pidfd = linux.clone(flags)
+        if pid == 0:  # the sandbox's init
+            parent_end.close()
+            if idmap_w >= 0:
+                os.close(idmap_w)
+            init.run(child_end, prepare, lifeline, idmap_r)
+        try:
+            if idmap:
+                ok = b"0"
+                try:
+                    _write_idmaps(pid, idmap)  # type: ignore[arg-type]
+                    ok = b"1"
+                finally:
+                    os.write(idmap_w, ok)
+            wire.send(ctl, {"id": msg["id"], "pid": pid}, [pidfd, parent_end.fileno()])
+        finally:
+            os.close(pidfd)
+    finally:
+        parent_end.close()
+        child_end.close()
+        for fd in (idmap_r, idmap_w):
+            if fd >= 0:
+                os.close(fd)
+
+
+def main(ctl_fd: int) -> None:
+    """Serve spawn requests on ``ctl_fd`` until the supervisor hangs up."""
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # our supervisor is already gone
+        sys.exit(0)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps exited inits
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # ^C goes to the supervisor, which decides
+    ctl = socket.socket(fileno=ctl_fd)
+    lifeline = os.pipe()
+    while True:
+        msg, fds = wire.recv(ctl)
+        for fd in fds:
+            os.close(fd)
+        if msg is None:
+            return
+        try:
+            if msg.get("op") == "spawn":
+                _spawn(ctl, msg, lifeline)
+            elif msg.get("op") == "ping":
+                wire.send(ctl, {"id": msg.get("id"), "pong": os.getpid()})
+            else:
+                wire.send(ctl, {"id": msg.get("id"), "error": f"unknown op {msg.get('op')!r}"})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            wire.send(ctl, {"id": msg.get("id"), "error": str(exc)})
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

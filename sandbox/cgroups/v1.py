@@ -1,0 +1,172 @@
+"""cgroup v1: one directory per job in each of the memory, pids and cpuacct hierarchies."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+from ..errors import CgroupError
+from . import Stats, user_name
+
+CONTROLLERS = ("memory", "pids", "cpuacct")
+SUBTREE = "sandbox"
+_JOB_RE = re.compile(r"^(\d+)-[0-9a-z]+$")
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CgroupError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        os.write(fd, value.encode())
+    except OSError as e:
+        raise CgroupError(f"cannot write {value!r} to {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _read_int(path: Path) -> int:
+    return int(path.read_text().split()[0])
+
+
+class V1Cgroup:
+    """A job's cgroup: ``<hierarchy>/<base>/<name>`` in each controller."""
+
+    def __init__(self, name: str, dirs: dict[str, Path], swap_accounted: bool) -> None:
+        self.name = name
+        self.dirs = dirs
+        self.swap_accounted = swap_accounted
+
+    def set_limits(self, *, memory: int, pids: int) -> None:
+        mem = self.dirs["memory"]
+        # memsw must stay >= the memory limit: lower it last when shrinking, raise it first
+        # when growing; with swap accounted it is the limit that counts swap in.
+        files = [mem / "memory.limit_in_bytes"]
+        if self.swap_accounted:
+            current = _read_int(mem / "memory.memsw.limit_in_bytes")
+            sw = mem / "memory.memsw.limit_in_bytes"
+            files = [sw, *files] if memory > current else [*files, sw]
+        for f in files:
+            _write(f, str(memory))
+        _write(self.dirs["pids"] / "pids.max", str(pids))
+
+    def add(self, pid: int) -> None:
+        for d in self.dirs.values():
+            _write(d / "cgroup.procs", str(pid))
+
+    def cpu_time(self) -> float:
+        return _read_int(self.dirs["cpuacct"] / "cpuacct.usage") / 1e9
+
+    def stats(self) -> Stats:
+        mem = self.dirs["memory"]
+        peak_file = ("memory.memsw.max_usage_in_bytes" if self.swap_accounted
+                     else "memory.max_usage_in_bytes")
+        oom = 0
+        for line in (mem / "memory.oom_control").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                oom = int(value)
+        return Stats(cpu_time=self.cpu_time(), memory_peak=_read_int(mem / peak_file),
+                     oom_killed=oom > 0)
+
+    def pids(self) -> list[int]:
+        out: set[int] = set()
+        for d in self.dirs.values():
+            with contextlib.suppress(FileNotFoundError):
+                out.update(int(x) for x in (d / "cgroup.procs").read_text().split())
+        return sorted(out)
+
+    def remove(self) -> None:
+        """Remove the job's directories; kill stragglers (ours by construction) first."""
+        for attempt in range(200):
+            remaining = False
+            for d in self.dirs.values():
+                try:
+                    os.rmdir(d)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    if e.errno != errno.EBUSY:
+                        raise CgroupError(f"cannot remove cgroup {d}: {e.strerror}") from None
+                    remaining = True
+            if not remaining:
+                return
+            if attempt % 20 == 0:
+                for pid in self.pids():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+            time.sleep(0.005)
+        raise CgroupError(f"cgroup {self.name} is still busy after killing its processes")
+
+
+class V1Manager:
+    version = 1
+
+    def __init__(self, roots: dict[str, Path], base: str) -> None:
+        self.roots = roots
+        self.base = base
+        self.swap_accounted = (roots["memory"] / base / "memory.memsw.limit_in_bytes").exists()
+
+    @classmethod
+    def for_user(cls, hierarchies: dict[str, Path]) -> V1Manager:
+        base = os.environ.get("SANDBOX_CGROUP") or f"{SUBTREE}/{user_name()}"
+        base = base.strip("/")
+        roots = {c: hierarchies[c] for c in CONTROLLERS}
+        for c, root in roots.items():
+            path = root / base
+            if not path.is_dir():
+                if os.geteuid() != 0:
+                    raise CgroupError(
+                        f"no cgroup subtree for you at {path}; as root run "
+                        f"`sandbox system setup --user {user_name()}` once")
+                path.mkdir(parents=True, exist_ok=True)
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise CgroupError(f"cgroup subtree {path} is not writable by you; as root run "
+                                  f"`sandbox system setup --user {user_name()}`")
+            if c == "memory" and os.geteuid() == 0 and (path / "memory.use_hierarchy").exists():
+                with contextlib.suppress(CgroupError):
+                    if _read_int(path / "memory.use_hierarchy") != 1:
+                        _write(path / "memory.use_hierarchy", "1")
+        return cls(roots, base)
+
+    def describe(self) -> str:
+        return f"cgroup v1 ({', '.join(f'{c}:{r / self.base}' for c, r in self.roots.items())})"
+
+    def create(self, name: str) -> V1Cgroup:
+        dirs: dict[str, Path] = {}
+        try:
+            for c, root in self.roots.items():
+                d = root / self.base / name
+                d.mkdir()
+                dirs[c] = d
+        except OSError as e:
+            for d in dirs.values():
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            raise CgroupError(f"cannot create cgroup {name} under {self.base}: "
+                              f"{e.strerror}") from None
+        return V1Cgroup(name, dirs, self.swap_accounted)
+
+    def cleanup_stale(self, alive: set[str] | None = None) -> int:
+        """Remove job cgroups left by supervisors that died (their pid is gone)."""
+        removed = 0
+        names: set[str] = set()
+        for root in self.roots.values():
+            with contextlib.suppress(FileNotFoundError):
+                names.update(p.name for p in (root / self.base).iterdir() if p.is_dir())
+        for name in sorted(names):
+            m = _JOB_RE.match(name)
+            if not m or (alive is not None and name in alive):
+                continue
+            if alive is None and Path(f"/proc/{m.group(1)}").exists():
+                continue
+            V1Cgroup(name, {c: r / self.base / name for c, r in self.roots.items()},
+                     self.swap_accounted).remove()
+            removed += 1
+        return removed

@@ -1,0 +1,367 @@
+"""The ``sandbox`` command.
+
+Exit codes: ``exec`` returns the program's exit code, 128+N when it was killed by signal N
+(limits included) and 125 when the sandbox itself failed or the command line was wrong.
+Every other command returns 0 on success and 125 on error. Errors are one line on stderr,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from .errors import SandboxError, SpecError
+
+EXIT_SANDBOX = 125
+
+
+def fail(message: str) -> NoReturn:
+    click.echo(f"sandbox: error: {message}", err=True)
+    sys.exit(EXIT_SANDBOX)
+
+
+class _Progress:
+    """Build output for a person: step lines printed, noisy lines in a spinner (rich)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console  # noqa: PLC0415
+
+        self.console = Console(stderr=True, highlight=False)
+        self.status: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.console.is_terminal:
+            self.status = self.console.status("working...")
+            self.status.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.stop()
+
+    def __call__(self, line: str) -> None:
+        if line.startswith(("Step ", " --->", "Successfully")) or not self.console.is_terminal:
+            if line.startswith(("Step ", " --->", "Successfully", "     ")):
+                self.console.print(line, markup=False, soft_wrap=True)
+        elif self.status is not None:
+            self.status.update(line[:100])
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from .spec import parse_size  # noqa: PLC0415
+
+    try:
+        return parse_size(value)
+    except SpecError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _seconds(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    from .spec import parse_seconds  # noqa: PLC0415
+
+    try:
+        return parse_seconds(value)
+    except SpecError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sandbox", prog_name="sandbox")
+def cli() -> None:
+    """Run untrusted code rootless: namespaces, seccomp, cgroups, overlayfs over images."""
+
+
+# ---------------------------------------------------------------------------- exec
+
+
+@cli.command("exec", context_settings={"allow_interspersed_args": False})
+@click.option("--image", default="py3", show_default=True, help="Image to run in.")
+@click.option("--profile", default="default", show_default=True,
+              help="Policy from profiles/ (limits, seccomp, uid).")
+@click.option("--time", "time_", callback=_seconds, metavar="SECONDS",
+              help="CPU time of the whole job (all processes and threads).")
+@click.option("--wall-time", callback=_seconds, metavar="SECONDS", help="Real time.")
+@click.option("--memory", callback=_size, metavar="SIZE", help="Memory, swap included (K/M/G).")
+@click.option("--pids", type=click.IntRange(1, 1 << 20), metavar="N",
+              help="Processes and threads of the whole job.")
+@click.option("--output", callback=_size, metavar="SIZE", help="stdout + stderr together.")
+@click.option("--disk", callback=_size, metavar="SIZE",
+              help="Everything the job may write (work dir, /tmp, /dev/shm).")
+@click.option("--stdin", "stdin_path", metavar="FILE",
+              help="Feed FILE's content as stdin ('-' reads this command's stdin first).")
+@click.option("--env", "env_items", multiple=True, metavar="K=V", help="Set a variable.")
+@click.option("--file", "extra_files", multiple=True, metavar="PATH",
+              help="Also copy PATH into the work dir (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON result object.")
+@click.argument("program")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def exec_cmd(image: str, profile: str, time_: float | None, wall_time: float | None,
+             memory: int | None, pids: int | None, output: int | None, disk: int | None,
+             stdin_path: str | None, env_items: tuple[str, ...], extra_files: tuple[str, ...],
+             as_json: bool, program: str, args: tuple[str, ...]) -> None:
+    """Run PROGRAM in a fresh sandbox.
+
+    If PROGRAM names a file on this machine it is copied into the sandbox's work dir and run
+    through the image's entry point (in py3: python3 PROGRAM ARGS...); otherwise it is a
+    command looked up inside the image.
+    """
+    from .spec import File, JobSpec, Limits, parse_env  # noqa: PLC0415
+
+    files: list[File] = []
+    entrypoint = False
+    argv = [program, *args]
+    if os.path.isfile(program):
+        files.append(_host_file(program))
+        entrypoint = True
+        argv = [files[0].name, *args]
+    for extra in extra_files:
+        if not os.path.isfile(extra):
+            fail(f"--file {extra}: no such file")
+        files.append(_host_file(extra))
+    stdin: bytes | None = None
+    if stdin_path is not None:
+        try:
+            stdin = sys.stdin.buffer.read() if stdin_path == "-" else Path(stdin_path).read_bytes()
+        except OSError as e:
+            fail(f"--stdin {stdin_path}: {e.strerror}")
+    spec = JobSpec(image=image, argv=tuple(argv), files=tuple(files), stdin=stdin,
+                   env=parse_env(env_items), profile=profile, entrypoint=entrypoint,
+                   limits=Limits(time=time_, wall_time=wall_time, memory=memory, pids=pids,
+                                 output=output, disk=disk))
+    from .client import run_job  # noqa: PLC0415
+
+    stream = None if as_json else _passthrough
+    with _Progress() as progress:
+        result = run_job(spec, on_output=stream, on_progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    elif result.status.value != "ok":
+        click.echo(result.summary(), err=True)
+    sys.exit(result.cli_exit_code)
+
+
+def _host_file(path: str) -> Any:
+    from .spec import File  # noqa: PLC0415
+
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+        executable = os.access(p, os.X_OK)
+    except OSError as e:
+        fail(f"{path}: {e.strerror}")
+    return File(name=p.name, data=data, mode=0o755 if executable else 0o644)
+
+
+def _passthrough(stream: str, chunk: bytes) -> None:
+    out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+    out.write(chunk)
+    out.flush()
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def _store() -> Any:
+    from .images.store import Store  # noqa: PLC0415
+
+    return Store()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1000
+    return str(n)
+
+
+@cli.command("images")
+@click.option("--json", "as_json", is_flag=True)
+def images_cmd(as_json: bool) -> None:
+    """List the images in the store."""
+    images = _store().images()
+    if as_json:
+        click.echo(json.dumps([{"name": i.ref, "id": i.id, "size": i.size,
+                                "layers": len(i.layers), "created": i.created}
+                               for i in images]))
+        return
+    click.echo(f"{'NAME':30} {'ID':14} {'LAYERS':>6} {'SIZE':>9}  CREATED")
+    for i in sorted(images, key=lambda x: x.ref):
+        click.echo(f"{i.ref:30} {i.id[7:19]:14} {len(i.layers):>6} {_human(i.size):>9}  "
+                   f"{i.created}")
+
+
+@cli.group("image")
+def image_group() -> None:
+    """Build, inspect and remove images."""
+
+
+@image_group.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def image_ls(ctx: click.Context, as_json: bool) -> None:
+    """List images (same as `sandbox images`)."""
+    ctx.invoke(images_cmd, as_json=as_json)
+
+
+@image_group.command("build")
+@click.argument("name")
+@click.option("--no-cache", is_flag=True, help="Rebuild every step.")
+def image_build(name: str, no_cache: bool) -> None:
+    """Build a shipped image (a recipe in images/NAME), e.g. `sandbox image build py3`."""
+    from .images.build import shipped_recipe  # noqa: PLC0415
+
+    recipe = shipped_recipe(name)
+    if recipe is None:
+        from . import config  # noqa: PLC0415
+
+        shipped = sorted(p.name for p in config.recipes_dir().iterdir() if p.is_dir())
+        fail(f"no shipped recipe {name!r} (shipped: {', '.join(shipped)}); use "
+             "`sandbox build -t NAME DIR` for your own")
+    _build(recipe, name, no_cache)
+
+
+@cli.command("build")
+@click.option("-t", "--tag", "tag", required=True, metavar="NAME[:TAG]")
+@click.option("-f", "--file", "recipe_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Recipe file (default: DIR/Sandboxfile or DIR/Dockerfile).")
+@click.option("--no-cache", is_flag=True, help="Rebuild every step.")
+@click.option("--build-arg", "build_args", multiple=True, metavar="K=V")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def build_cmd(tag: str, recipe_file: Path | None, no_cache: bool, build_args: tuple[str, ...],
+              directory: Path) -> None:
+    """Build an image from DIR/Sandboxfile (a Dockerfile subset)."""
+    from .spec import parse_env  # noqa: PLC0415
+
+    _build(directory, tag, no_cache, recipe_file, parse_env(build_args))
+
+
+def _build(directory: Path, tag: str, no_cache: bool, recipe_file: Path | None = None,
+           build_args: dict[str, str] | None = None) -> None:
+    import trio  # noqa: PLC0415
+
+    from .images import build  # noqa: PLC0415
+    from .supervisor.core import Supervisor  # noqa: PLC0415
+
+    async def main(progress: Callable[[str], None]) -> None:
+        async with Supervisor(on_progress=progress) as sup:
+            await build.build(sup, directory, tag, progress=progress, no_cache=no_cache,
+                              recipe_file=recipe_file, build_args=build_args)
+
+    with _Progress() as progress:
+        trio.run(main, progress)
+
+
+@image_group.command("rm")
+@click.argument("names", nargs=-1, required=True)
+def image_rm(names: tuple[str, ...]) -> None:
+    """Untag images (their layers go with `sandbox image prune`)."""
+    store = _store()
+    for name in names:
+        click.echo(f"Untagged: {store.remove(name)}")
+
+
+@image_group.command("inspect")
+@click.argument("name")
+def image_inspect(name: str) -> None:
+    """Print an image's manifest digest, config and layers as JSON."""
+    image = _store().resolve(name)
+    click.echo(json.dumps({"name": image.ref, "id": image.id,
+                           "manifest": image.manifest_digest, "config": image.config,
+                           "layers": [{"digest": x.digest, "diff_id": x.diff_id,
+                                       "size": x.size, "mediaType": x.media_type}
+                                      for x in image.layers]}, indent=2))
+
+
+# ---------------------------------------------------------------------------- profiles
+
+
+@cli.group("profile")
+def profile_group() -> None:
+    """See the policies jobs run under."""
+
+
+@profile_group.command("list")
+def profile_list() -> None:
+    """List the profiles on the search path."""
+    from .profiles import list_profiles, load_profile  # noqa: PLC0415
+
+    for path in list_profiles():
+        click.echo(f"{path.stem:12} {load_profile(path.stem).description}  ({path})")
+
+
+@profile_group.command("show")
+@click.argument("name")
+@click.option("--bpf", is_flag=True, help="Also print the compiled seccomp filter (PFC).")
+def profile_show(name: str, bpf: bool) -> None:
+    """Print a profile (and its compiled seccomp filter)."""
+    from .profiles import find_profile, load_profile  # noqa: PLC0415
+
+    profile = load_profile(name)
+    click.echo(find_profile(name).read_text(), nl=False)
+    if bpf:
+        from .seccomp import pfc  # noqa: PLC0415
+
+        click.echo(pfc(profile.seccomp))
+
+
+# ---------------------------------------------------------------------------- host
+
+
+@cli.command("doctor")
+def doctor_cmd() -> None:
+    """Check that this host can run sandboxes with limits; print each problem's fix."""
+    from .doctor import run_checks  # noqa: PLC0415
+
+    sys.exit(run_checks(click.echo))
+
+
+@cli.group("system")
+def system_group() -> None:
+    """Host set-up that needs root (once)."""
+
+
+@system_group.command("setup")
+@click.option("--user", "user", required=True, help="User who will run sandboxes.")
+def system_setup(user: str) -> None:
+    """Prepare a cgroup subtree that USER owns (the one step that needs root)."""
+    from .system import setup_user  # noqa: PLC0415
+
+    for line in setup_user(user):
+        click.echo(line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors and exit code 125, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="sandbox", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"sandbox: error: {e.format_message()}", err=True)
+        sys.exit(EXIT_SANDBOX)
+    except SandboxError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        click.echo("sandbox: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(EXIT_SANDBOX)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Clients of the supervisor: `run_job` for the CLI (embedded supervisor for now)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .spec import JobSpec, Result
+
+OutputSink = Callable[[str, bytes], None]
+
+
+def run_job(spec: JobSpec, *, on_output: OutputSink | None = None,
+            on_progress: Callable[[str], None] | None = None) -> Result:
+    """Run ``spec`` to completion, streaming output to ``on_output`` as it arrives."""
+    import trio  # noqa: PLC0415 - clients of a daemon never pay for trio
+
+    from .supervisor.core import Supervisor  # noqa: PLC0415
+
+    async def forward(stream: str, chunk: bytes) -> None:
+        if on_output is not None:
+            on_output(stream, chunk)
+
+    async def main() -> Result:
+        async with Supervisor(on_progress=on_progress) as sup:
+            return await sup.run(spec, forward if on_output else None)
+
+    return trio.run(main)

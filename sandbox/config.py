@@ -1,0 +1,56 @@
+"""Where things live: the image store, the runtime dir, the shipped profiles and recipes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _shipped(name: str) -> Path:
+    """``profiles/`` and ``images/`` sit next to the package in a checkout (editable install)
+    and inside it (``sandbox/_data``) in a wheel."""
+    beside = PACKAGE_DIR.parent / name
+    return beside if beside.is_dir() else PACKAGE_DIR / "_data" / name
+
+
+def sandbox_home() -> Path:
+    """The image store: ``$SANDBOX_HOME``, else ``$XDG_DATA_HOME/sandbox``, else
+    ``~/.local/share/sandbox``."""
+    if env := os.environ.get("SANDBOX_HOME"):
+        return Path(env).absolute()
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "sandbox"
+
+
+def runtime_dir() -> Path:
+    """Per-user runtime state (the daemon socket, the sandboxes' mount point):
+    ``$XDG_RUNTIME_DIR/sandbox``, else ``/tmp/sandbox-UID``. Created 0700 and checked to be
+    ours, since other users may share /tmp."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    path = Path(base) / "sandbox" if base and os.path.isdir(base) else Path(
+        f"/tmp/sandbox-{os.getuid()}")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    if st.st_uid != os.getuid() or not path.is_dir() or path.is_symlink():
+        from .errors import SandboxError  # noqa: PLC0415
+
+        raise SandboxError(f"runtime directory {path} is not a directory owned by you")
+    if st.st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "sandbox"
+
+
+def profile_dirs() -> list[Path]:
+    """Profile search path: the user's own first, then the shipped ones."""
+    return [config_dir() / "profiles", _shipped("profiles")]
+
+
+def recipes_dir() -> Path:
+    return _shipped("images")

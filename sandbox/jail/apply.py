@@ -1,0 +1,217 @@
+"""Apply one set-up operation in the child. Small and flat on purpose: audit this file.
+
+Stdlib only (runs in processes forked from the spawner). Each branch does one thing; errors
+propagate as OSError and the caller reports the op that failed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import shutil
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import assert_never
+
+from .. import linux
+from .ops import (
+    AwaitIdMap,
+    BindMount,
+    Chdir,
+    ClearCapabilities,
+    CloseFds,
+    DropBoundingSet,
+    Exec,
+    LoopbackUp,
+    MakeDir,
+    MakeRootPrivate,
+    MountDevpts,
+    MountOverlay,
+    MountProc,
+    MountTmpfs,
+    NewSession,
+    NoNewPrivs,
+    Op,
+    PivotRoot,
+    Remount,
+    ResetSignals,
+    Seccomp,
+    SetHostname,
+    SetIdMap,
+    SetIds,
+    SetRlimits,
+    Stdio,
+    Symlink,
+    UnshareCgroupNamespace,
+    WriteFile,
+)
+
+_NOSUID_NODEV = linux.MS_NOSUID | linux.MS_NODEV
+_RLIMITS = {
+    "core": resource.RLIMIT_CORE, "cpu": resource.RLIMIT_CPU, "fsize": resource.RLIMIT_FSIZE,
+    "nofile": resource.RLIMIT_NOFILE, "stack": resource.RLIMIT_STACK,
+    "nproc": resource.RLIMIT_NPROC, "memlock": resource.RLIMIT_MEMLOCK,
+    "msgqueue": resource.RLIMIT_MSGQUEUE, "as": resource.RLIMIT_AS,
+}
+
+
+@dataclass(slots=True)
+class Context:
+    """What an op may need besides itself: the go message's descriptors, the pipe on which
+    the spawner confirms the id maps, and a descriptor `CloseFds` must spare (the
+    close-on-exec pipe that reports a failed set-up)."""
+
+    fds: Sequence[int] = ()
+    idmap_fd: int = -1
+    keep_fd: int = -1
+
+
+def apply(op: Op, ctx: Context) -> None:
+    """Carry out ``op``."""
+    fds = ctx.fds
+    match op:
+        case SetIdMap(uid_in, uid_out, gid_in, gid_out):
+            linux.write_file("/proc/self/setgroups", "deny")
+            linux.write_file("/proc/self/uid_map", f"{uid_in} {uid_out} 1\n")
+            linux.write_file("/proc/self/gid_map", f"{gid_in} {gid_out} 1\n")
+        case AwaitIdMap():
+            if os.read(ctx.idmap_fd, 1) != b"1":
+                raise OSError(errno.EPERM, "the id maps were not written (newuidmap failed)")
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+        case MakeRootPrivate():
+            linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        case MountTmpfs(target, size, mode, noexec):
+            flags = _NOSUID_NODEV | (linux.MS_NOEXEC if noexec else 0)
+            linux.mount("tmpfs", target, "tmpfs", flags, f"size={size},mode={mode:o}")
+        case MakeDir(path, mode, uid, gid):
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            os.chmod(path, mode)
+            if uid >= 0 or gid >= 0:
+                os.chown(path, uid, gid, follow_symlinks=False)
+        case MountOverlay(lower, upper, work, target):
+            data = f"lowerdir={':'.join(lower)},upperdir={upper},workdir={work},userxattr"
+            linux.mount("overlay", target, "overlay", _NOSUID_NODEV, data)
+        case BindMount(source, target, readonly, create):
+            if not os.path.lexists(target):
+                if create == "file":
+                    os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
+                else:
+                    os.makedirs(target, exist_ok=True)
+            linux.mount(source, target, None, linux.MS_BIND | linux.MS_REC)
+            flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_NOSUID | _kept_flags(target)
+            if readonly:
+                flags |= linux.MS_RDONLY
+            if not source.startswith("/dev/"):
+                flags |= linux.MS_NODEV
+            linux.mount(None, target, None, flags)
+        case MountProc(target):
+            linux.mount("proc", target, "proc", _NOSUID_NODEV | linux.MS_NOEXEC)
+        case MountDevpts(target):
+            linux.mount("devpts", target, "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
+                        "newinstance,ptmxmode=0666,mode=0620")
+        case Symlink(target, path):
+            os.symlink(target, path)
+        case PivotRoot(new_root):
+            os.chdir(new_root)
+            linux.pivot_root(".", ".")
+            linux.umount2(".", linux.MNT_DETACH)
+            os.chdir("/")
+        case Remount(target, readonly, noexec):
+            flags = linux.MS_BIND | linux.MS_REMOUNT | _NOSUID_NODEV | _kept_flags(target)
+            flags |= (linux.MS_RDONLY if readonly else 0) | (linux.MS_NOEXEC if noexec else 0)
+            linux.mount(None, target, None, flags)
+        case SetHostname(name):
+            import socket  # noqa: PLC0415 - only the init process needs it
+
+            socket.sethostname(name)
+        case LoopbackUp():
+            linux.loopback_up()
+        case WriteFile(path, fd_index, mode, uid, gid):
+            dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, mode)
+            try:
+                src = fds[fd_index]
+                size = os.fstat(src).st_size
+                os.lseek(src, 0, os.SEEK_SET)
+                with os.fdopen(src, "rb", closefd=False) as fsrc, \
+                        os.fdopen(dst, "wb", closefd=False) as fdst:
+                    shutil.copyfileobj(fsrc, fdst, max(size, 1))
+                os.fchmod(dst, mode)
+                os.fchown(dst, uid, gid)
+            finally:
+                os.close(dst)
+        case UnshareCgroupNamespace():
+            linux.unshare(linux.CLONE_NEWCGROUP)
+        case NewSession():
+            os.setsid()
+        case Stdio(fd_indexes):
+            for stdio_fd, index in enumerate(fd_indexes):
+                os.dup2(fds[index], stdio_fd, inheritable=True)
+        case CloseFds():
+            if ctx.keep_fd >= 3:
+                linux.close_range(3, ctx.keep_fd - 1)
+                linux.close_range(ctx.keep_fd + 1)
+            else:
+                linux.close_range(3)
+        case Chdir(path):
+            os.chdir(path)
+        case SetRlimits(limits):
+            for name, (soft, hard) in limits.items():
+                inf = resource.RLIM_INFINITY
+                resource.setrlimit(_RLIMITS[name], (inf if soft < 0 else soft,
+                                                    inf if hard < 0 else hard))
+        case ResetSignals():
+            for sig in signal.valid_signals():
+                if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                    signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        case SetIds(uid, gid, setgroups):
+            if setgroups:
+                os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        case DropBoundingSet():
+            linux.drop_bounding_set()
+        case ClearCapabilities():
+            linux.clear_capabilities()
+        case NoNewPrivs():
+            linux.set_no_new_privs()
+        case Seccomp(bpf_hex):
+            linux.load_seccomp(bytes.fromhex(bpf_hex))
+        case Exec(argv, env):
+            _execvpe(argv, env)
+        case _:
+            assert_never(op)
+
+
+def _kept_flags(target: str) -> int:
+    """The flags a bind remount must keep: a mount inherited from a more privileged user
+    namespace has its ro/nosuid/nodev/noexec/atime flags locked, and dropping one is EPERM."""
+    have = os.statvfs(target).f_flag
+    flags = 0
+    for st_bit, ms_bit in ((os.ST_RDONLY, linux.MS_RDONLY), (os.ST_NOSUID, linux.MS_NOSUID),
+                           (os.ST_NODEV, linux.MS_NODEV), (os.ST_NOEXEC, linux.MS_NOEXEC),
+                           (os.ST_NOATIME, 1024), (os.ST_NODIRATIME, 2048),
+                           (os.ST_RELATIME, 1 << 21)):
+        if have & st_bit:
+            flags |= ms_bit
+    return flags
+
+
+def _execvpe(argv: Sequence[str], env: dict[str, str]) -> None:
+    """execve with a PATH search like a shell: the last interesting errno wins."""
+    name = argv[0]
+    if "/" in name:
+        os.execve(name, list(argv), env)  # noqa: S606
+    last: OSError = FileNotFoundError(errno.ENOENT, f"{name}: command not found")
+    for directory in env.get("PATH", "/usr/bin:/bin").split(":"):
+        try:
+            os.execve(os.path.join(directory or ".", name), list(argv), env)  # noqa: S606
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            last = e
+    raise last

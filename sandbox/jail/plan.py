@@ -1,0 +1,217 @@
+"""JobSpec + Profile + Image -> the ordered set-up operations (pure: no syscalls here).
+
+`prepare` builds the sandbox (run by its init right after clone, possibly long before a job
+arrives); `go` and `launch` are per job. Read `ARCHITECTURE.md` for why each step is where
+it is; `sandbox exec --dry-run` prints a plan.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from . import ops as o
+
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+DEV_LINKS = (("/proc/self/fd", "fd"), ("/proc/self/fd/0", "stdin"),
+             ("/proc/self/fd/1", "stdout"), ("/proc/self/fd/2", "stderr"),
+             ("pts/ptmx", "ptmx"))
+DEV_SIZE = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class IdMapping:
+    """How the sandbox's ids map to the caller's.
+
+    ``single``: the caller's uid/gid appear as the job's uid/gid (1000); nothing else is
+    mapped; init and job share that uid (init keeps capabilities, the job none).
+    ``subuid``: 0 -> the caller, 1..count -> the caller's /etc/subuid range, written by
+    newuidmap; init runs as 0, the job as its own uid, which owns nothing of the image.
+    """
+
+    mode: str  # "single" | "subuid"
+    outside_uid: int
+    outside_gid: int
+    sub_uid: tuple[int, int] = (0, 0)  # (start, count)
+    sub_gid: tuple[int, int] = (0, 0)
+
+    def newidmap_args(self) -> dict[str, list[list[int]]]:
+        return {"uid": [[0, self.outside_uid, 1], [1, self.sub_uid[0], self.sub_uid[1]]],
+                "gid": [[0, self.outside_gid, 1], [1, self.sub_gid[0], self.sub_gid[1]]]}
+
+    def init_ids(self, job_uid: int, job_gid: int) -> tuple[int, int]:
+        """The uid/gid init runs as inside (and thus owns what it creates)."""
+        return (job_uid, job_gid) if self.mode == "single" else (0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxShape:
+    """Everything `prepare` depends on: equal shapes make interchangeable warm sandboxes."""
+
+    lower: tuple[str, ...]     # unpacked layer dirs, topmost first
+    disk: int                  # bytes for everything writable
+    workdir: str
+    uid: int
+    gid: int
+    hostname: str
+    mount_point: str           # an existing empty host dir (per user) to build the root on
+    writable_root: bool = False
+    upper_dir: str = ""        # for builds: keep the overlay upper in this host dir
+
+
+def prepare(shape: SandboxShape, idmap: IdMapping) -> list[o.Op]:
+    """The ops init runs right after clone (pid 1 in fresh user, mount, pid, net, ipc, uts
+    namespaces): build the root, then wait for a job."""
+    m = shape.mount_point
+    root = f"{m}/root"
+    upper, ovl_work = (f"{m}/upper", f"{m}/ovlwork")
+    if shape.upper_dir:
+        upper, ovl_work = f"{shape.upper_dir}/upper", f"{shape.upper_dir}/work"
+    uid, gid = shape.uid, shape.gid
+    steps: list[o.Op] = []
+    if idmap.mode == "single":
+        steps.append(o.SetIdMap(uid, idmap.outside_uid, gid, idmap.outside_gid))
+    else:
+        steps.append(o.AwaitIdMap())
+    own_uid, own_gid = idmap.init_ids(uid, gid)
+    steps += [
+        o.MakeRootPrivate(),
+        o.MountTmpfs(m, shape.disk, 0o755),
+        o.MakeDir(f"{m}/root", 0o755),
+        o.MakeDir(f"{m}/shm", 0o1777, own_uid, own_gid),
+    ]
+    if not shape.upper_dir:
+        steps += [o.MakeDir(upper, 0o755), o.MakeDir(ovl_work, 0o700)]
+    steps += [
+        o.MountOverlay(shape.lower, upper, ovl_work, root),
+        o.MakeDir(root + shape.workdir, 0o755, uid, gid),
+        o.MakeDir(f"{root}/tmp", 0o1777),
+        o.MakeDir(f"{root}/proc", 0o555),
+        o.MakeDir(f"{root}/dev", 0o755),
+    ]
+    if not shape.writable_root and shape.workdir != "/":
+        steps += [o.BindMount(f"{root}/tmp", f"{root}/tmp"),
+                  o.BindMount(root + shape.workdir, root + shape.workdir)]
+    steps += [
+        o.MountProc(f"{root}/proc"),
+        o.MountTmpfs(f"{root}/dev", DEV_SIZE, 0o755, noexec=True),
+        *[o.BindMount(f"/dev/{n}", f"{root}/dev/{n}", create="file") for n in DEV_NODES],
+        o.MakeDir(f"{root}/dev/pts", 0o755),
+        o.MountDevpts(f"{root}/dev/pts"),
+        o.MakeDir(f"{root}/dev/shm", 0o1777),
+        o.BindMount(f"{m}/shm", f"{root}/dev/shm"),
+        *[o.Symlink(target, f"{root}/dev/{name}") for target, name in DEV_LINKS],
+        o.Remount(f"{root}/dev", readonly=True, noexec=True),
+        o.PivotRoot(root),
+    ]
+    if not shape.writable_root:
+        steps.append(o.Remount("/", readonly=True))
+    steps += [o.SetHostname(shape.hostname), o.LoopbackUp()]
+    return steps
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """What `go` and `launch` depend on (per job)."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    files: Sequence[tuple[str, int]]          # (relative name, mode); fds follow stdio
+    workdir: str
+    uid: int
+    gid: int
+    rlimits: Mapping[str, tuple[int, int]]
+    bpf: bytes
+
+
+def go(launch: Launch, idmap: IdMapping) -> list[o.Op]:
+    """Ops init runs when a job arrives: copy its files in (descriptors 3.. of the go
+    message, after stdio), then enter a new cgroup namespace rooted at the job's cgroup."""
+    dirs: set[str] = set()
+    writes: list[o.Op] = []
+    for index, (name, mode) in enumerate(launch.files):
+        path = posixpath.join(launch.workdir, name)
+        parent = posixpath.dirname(path)
+        while parent != launch.workdir and parent.startswith(launch.workdir + "/"):
+            dirs.add(parent)
+            parent = posixpath.dirname(parent)
+        writes.append(o.WriteFile(path, 3 + index, mode, launch.uid, launch.gid))
+    made = [o.MakeDir(d, 0o755, launch.uid, launch.gid)
+            for d in sorted(dirs, key=lambda d: (d.count("/"), d))]
+    return [*made, *writes, o.UnshareCgroupNamespace()]
+
+
+def launch_ops(launch: Launch, idmap: IdMapping) -> list[o.Op]:
+    """Ops the job process runs between fork and execve; seccomp is the last before exec."""
+    return [
+        o.NewSession(),
+        o.Stdio((0, 1, 2)),
+        o.CloseFds(),
+        o.Chdir(launch.workdir),
+        o.SetRlimits({k: [v[0], v[1]] for k, v in launch.rlimits.items()}),
+        o.ResetSignals(),
+        o.DropBoundingSet(),
+        o.SetIds(launch.uid, launch.gid, setgroups=idmap.mode != "single"),
+        o.ClearCapabilities(),
+        o.NoNewPrivs(),
+        o.Seccomp(launch.bpf.hex()),
+        o.Exec(tuple(launch.argv), dict(launch.env)),
+    ]
+
+
+def job_env(*, path: str, home: str, lang: str, image_env: Mapping[str, str],
+            extra: Mapping[str, str]) -> dict[str, str]:
+    """The job's whole environment: ours, then the image's, then the caller's ``--env``.
+    Nothing of the caller's own environment comes in."""
+    env = {"PATH": path, "HOME": home, "LANG": lang}
+    env.update(image_env)
+    env.update(extra)
+    return env
+
+
+def clone_flags() -> int:
+    from .. import linux  # noqa: PLC0415
+
+    return (linux.CLONE_NEWUSER | linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWNET
+            | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
+
+
+def read_subids(path: str, user: str, uid: int) -> tuple[int, int] | None:
+    """The first range of at least 65536 ids for ``user`` (or ``uid``) in /etc/sub[ug]id."""
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.strip().split(":")
+                if len(parts) == 3 and parts[0] in (user, str(uid)):
+                    start, count = int(parts[1]), int(parts[2])
+                    if count >= 65536:
+                        return start, count
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def detect_idmap(user: str) -> IdMapping:
+    """subuid when /etc/subuid and /etc/subgid have a range for us and newuidmap exists (or
+    ``SANDBOX_IDMAP=subuid``); else a single mapping. ``SANDBOX_IDMAP=single`` forces it."""
+    import shutil  # noqa: PLC0415
+
+    uid, gid = os.getuid(), os.getgid()
+    single = IdMapping("single", uid, gid)
+    choice = os.environ.get("SANDBOX_IDMAP", "auto")
+    if choice == "single":
+        return single
+    subu = read_subids("/etc/subuid", user, uid)
+    subg = read_subids("/etc/subgid", user, gid)
+    tools = shutil.which("newuidmap") and shutil.which("newgidmap")
+    if subu and subg and tools:
+        return IdMapping("subuid", uid, gid, (subu[0], min(subu[1], 65536)),
+                         (subg[0], min(subg[1], 65536)))
+    if choice == "subuid":
+        from ..errors import SpecError  # noqa: PLC0415
+
+        raise SpecError(f"SANDBOX_IDMAP=subuid, but {user} has no /etc/subuid and "
+                        "/etc/subgid range or newuidmap is missing")
+    return single

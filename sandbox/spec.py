@@ -1,0 +1,311 @@
+"""The one vocabulary: what a job is (`JobSpec`, `Limits`, `File`) and what came of it (`Result`).
+
+Everything here is a frozen, validated dataclass that turns into plain dicts (for msgpack and
+JSON) and back. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .errors import SpecError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: str | int) -> int:
+    """Parse a size such as ``512``, ``64K``, ``256M``, ``1.5G`` or ``2GiB`` into bytes."""
+    if isinstance(value, bool):
+        raise SpecError(f"invalid size {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise SpecError(f"invalid size {value}: must not be negative")
+        return value
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise SpecError(f"invalid size {value!r}: expected a number with an optional K, M or G")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    return int(number * _UNITS[unit])
+
+
+def parse_seconds(value: str | float | int) -> float:
+    """Parse a duration in seconds: ``2``, ``0.5``, ``1.5s``, ``500ms``."""
+    if isinstance(value, bool):
+        raise SpecError(f"invalid duration {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = value.strip().lower()
+        scale = 1.0
+        if text.endswith("ms"):
+            text, scale = text[:-2], 0.001
+        elif text.endswith("s"):
+            text = text[:-1]
+        try:
+            seconds = float(text) * scale
+        except ValueError:
+            raise SpecError(
+                f"invalid duration {value!r}: expected seconds, e.g. 2 or 0.5") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise SpecError(f"invalid duration {value!r}: must be a positive number of seconds")
+    return seconds
+
+
+def format_size(n: int) -> str:
+    """Render bytes compactly (``256M``)."""
+    for unit in ("T", "G", "M", "K"):
+        scale = _UNITS[unit.lower()]
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+class Status(enum.StrEnum):
+    """The verdict of a job."""
+
+    OK = "ok"
+    NONZERO_EXIT = "nonzero_exit"
+    SIGNALED = "signaled"
+    TIME_LIMIT = "time_limit"
+    MEMORY_LIMIT = "memory_limit"
+    OUTPUT_LIMIT = "output_limit"
+    INTERNAL_ERROR = "internal_error"
+
+
+_LIMIT_PARSERS: dict[str, Any] = {
+    "time": parse_seconds,
+    "wall_time": parse_seconds,
+    "memory": parse_size,
+    "pids": int,
+    "output": parse_size,
+    "disk": parse_size,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Resource limits of a whole job; ``None`` means "the profile's default".
+
+    ``time`` is CPU seconds of all processes and threads; ``wall_time`` is real seconds;
+    ``memory`` is bytes (swap included); ``pids`` counts tasks; ``output`` is stdout plus
+    stderr bytes; ``disk`` bounds everything the job may write. Strings such as ``"256M"``
+    and ``"1.5s"`` are accepted and normalised.
+    """
+
+    time: float | None = None
+    wall_time: float | None = None
+    memory: int | None = None
+    pids: int | None = None
+    output: int | None = None
+    disk: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            try:
+                parsed = _LIMIT_PARSERS[f.name](value)
+            except (TypeError, ValueError):
+                raise SpecError(f"invalid {f.name} limit {value!r}") from None
+            if f.name == "pids" and parsed < 1:
+                raise SpecError(f"invalid pids limit {value!r}: must be at least 1")
+            if f.name in ("memory", "disk") and parsed < 65536:
+                raise SpecError(f"invalid {f.name} limit {value!r}: must be at least 64K")
+            object.__setattr__(self, f.name, parsed)
+
+    def over(self, base: Limits) -> Limits:
+        """These limits, with every unset one taken from ``base``."""
+        return Limits(**{f.name: _first(getattr(self, f.name), getattr(base, f.name))
+                         for f in fields(self)})
+
+    def missing(self) -> list[str]:
+        """Names of the limits that are still unset."""
+        return [f.name for f in fields(self) if getattr(self, f.name) is None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Limits:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise SpecError(f"unknown limit(s): {', '.join(sorted(unknown))}")
+        return cls(**dict(data))
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9._+-][A-Za-z0-9._+/-]*$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class File:
+    """A file copied into the job's work dir before it starts (``name`` is relative)."""
+
+    name: str
+    data: bytes
+    mode: int = 0o644
+
+    def __post_init__(self) -> None:
+        parts = self.name.split("/")
+        if (not _NAME_RE.match(self.name) or any(p in ("", ".", "..") for p in parts)):
+            raise SpecError(f"invalid file name {self.name!r}: must be a relative path")
+        if not 0 <= self.mode <= 0o777:
+            raise SpecError(f"invalid file mode {oct(self.mode)} for {self.name}")
+
+
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_env(items: Sequence[str]) -> dict[str, str]:
+    """Turn ``["K=V", ...]`` into a dict, refusing malformed entries."""
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not _ENV_KEY_RE.match(key):
+            raise SpecError(f"invalid environment variable {item!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobSpec:
+    """One job: run ``argv`` in ``image`` under ``profile`` with ``limits``.
+
+    With ``entrypoint=True`` the image's entry point is put in front of ``argv`` (this is
+    how ``sandbox exec script.py`` becomes ``python3 script.py`` in ``py3``).
+    """
+
+    image: str
+    argv: tuple[str, ...]
+    files: tuple[File, ...] = ()
+    stdin: bytes | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+    profile: str = "default"
+    entrypoint: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.argv, str):
+            raise SpecError("argv must be a sequence of strings, not a string")
+        object.__setattr__(self, "argv", tuple(self.argv))
+        object.__setattr__(self, "files", tuple(self.files))
+        if not self.argv and not self.entrypoint:
+            raise SpecError("nothing to run: argv is empty")
+        if not all(isinstance(a, str) and "\0" not in a for a in self.argv):
+            raise SpecError("argv entries must be strings without NUL bytes")
+        for key, value in self.env.items():
+            if not _ENV_KEY_RE.match(key) or "\0" in value:
+                raise SpecError(f"invalid environment variable {key!r}")
+        if not self.image:
+            raise SpecError("no image given")
+        if not re.match(r"^[a-z0-9][a-z0-9_.-]*$", self.profile):
+            raise SpecError(f"invalid profile name {self.profile!r}")
+        names = [f.name for f in self.files]
+        if len(names) != len(set(names)):
+            raise SpecError("two files with the same name")
+        if isinstance(self.limits, Mapping):
+            object.__setattr__(self, "limits", Limits.from_dict(self.limits))
+
+    def with_limits(self, limits: Limits) -> JobSpec:
+        return replace(self, limits=limits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "argv": list(self.argv),
+            "files": [{"name": f.name, "data": f.data, "mode": f.mode} for f in self.files],
+            "stdin": self.stdin,
+            "env": dict(self.env),
+            "limits": self.limits.to_dict(),
+            "profile": self.profile,
+            "entrypoint": self.entrypoint,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
+        try:
+            return cls(
+                image=data["image"],
+                argv=tuple(data["argv"]),
+                files=tuple(File(**f) for f in data.get("files", ())),
+                stdin=data.get("stdin"),
+                env=dict(data.get("env", {})),
+                limits=Limits.from_dict(data.get("limits", {})),
+                profile=data.get("profile", "default"),
+                entrypoint=bool(data.get("entrypoint", False)),
+            )
+        except (KeyError, TypeError) as e:
+            raise SpecError(f"malformed job spec: {e}") from None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Result:
+    """What came of a job. ``stdout``/``stderr`` are raw bytes; see `to_json`."""
+
+    status: Status
+    exit_code: int | None = None
+    signal: int | None = None
+    cpu_time: float = 0.0
+    wall_time: float = 0.0
+    memory: int = 0
+    stdout: bytes = b""
+    stderr: bytes = b""
+    setup_time: float = 0.0
+    message: str = ""
+
+    @property
+    def cli_exit_code(self) -> int:
+        """The exit code `sandbox exec` returns for this result."""
+        if self.status is Status.INTERNAL_ERROR:
+            return 125
+        if self.signal is not None:
+            return 128 + self.signal
+        return self.exit_code if self.exit_code is not None else 125
+
+    def summary(self) -> str:
+        """A one-line human summary (printed by the CLI when the status is not ``ok``)."""
+        what = {
+            Status.OK: "ok",
+            Status.NONZERO_EXIT: f"exited with code {self.exit_code}",
+            Status.SIGNALED: f"killed by signal {self.signal}",
+            Status.TIME_LIMIT: "time limit exceeded",
+            Status.MEMORY_LIMIT: "memory limit exceeded",
+            Status.OUTPUT_LIMIT: "output limit exceeded",
+            Status.INTERNAL_ERROR: f"internal error: {self.message}",
+        }[self.status]
+        return (f"sandbox: {what} (cpu {self.cpu_time:.3f}s, wall {self.wall_time:.3f}s, "
+                f"memory {format_size(self.memory) if self.memory else 0})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Wire form (msgpack): bytes stay bytes."""
+        return {f.name: (getattr(self, f.name).value if f.name == "status"
+                         else getattr(self, f.name)) for f in fields(self)}
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object: output decoded as UTF-8 with invalid bytes replaced."""
+        d = self.to_dict()
+        d["stdout"] = self.stdout.decode("utf-8", "replace")
+        d["stderr"] = self.stderr.decode("utf-8", "replace")
+        d["cpu_time"] = round(self.cpu_time, 6)
+        d["wall_time"] = round(self.wall_time, 6)
+        d["setup_time"] = round(self.setup_time, 6)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Result:
+        try:
+            kwargs = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+            kwargs["status"] = Status(data["status"])
+            return cls(**kwargs)
+        except (KeyError, ValueError, TypeError) as e:
+            raise SpecError(f"malformed result: {e}") from None

@@ -1,0 +1,201 @@
+"""One job from go to verdict: output capture with a cap, CPU and wall watchdogs, the
+verdict. The sandbox and its cgroup are handed in ready; this module never forks."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from ..cgroups import JobCgroup
+from ..jail import ops
+from ..spec import Limits, Result, Status
+from .spawner import InitHandle
+
+OutputCallback = Callable[[str, bytes], Awaitable[None]]
+_NCPU = os.cpu_count() or 1
+
+
+@dataclass
+class _State:
+    limits: Limits
+    fired: Status | None = None
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    total: int = 0
+    truncated: bool = False
+
+    def fire(self, status: Status, init: InitHandle) -> None:
+        if self.fired is None:
+            self.fired = status
+        init.kill()
+
+
+async def _capture(stream: trio.lowlevel.FdStream, name: str, state: _State,
+                   init: InitHandle, on_output: OutputCallback | None) -> None:
+    buf = state.stdout if name == "stdout" else state.stderr
+    cap = state.limits.output or 0
+    async with stream:
+        while chunk := await stream.receive_some(65536):
+            room = cap - state.total
+            keep = chunk[: max(room, 0)]
+            state.total += len(chunk)
+            buf += keep
+            if keep and on_output is not None:
+                await on_output(name, bytes(keep))
+            if state.total > cap:
+                state.truncated = True
+                state.fire(Status.OUTPUT_LIMIT, init)
+
+
+async def _cpu_watchdog(cgroup: JobCgroup, state: _State, init: InitHandle) -> None:
+    limit = state.limits.time or 0.0
+    while True:
+        used = cgroup.cpu_time()
+        if used > limit:
+            state.fire(Status.TIME_LIMIT, init)
+            return
+        # Sleep until the job could have used what is left, on every CPU at once.
+        await trio.sleep(min(max((limit - used) / _NCPU, 0.002), 0.1))
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+async def run(init: InitHandle, cgroup: JobCgroup, limits: Limits, go_ops: list[ops.Op],
+              launch_ops: list[ops.Op], files: list[bytes], stdin: bytes | None,
+              on_output: OutputCallback | None = None, t_start: float = 0.0) -> Result:
+    """Hand the job to a ready sandbox ``init`` (already in ``cgroup``) and see it through.
+    Always returns a `Result`; the caller removes the cgroup and closes ``init``."""
+    state = _State(limits)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    stdin_fd = (_memfd("stdin", stdin) if stdin is not None
+                else os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+    passed = [stdin_fd, out_w, err_w]
+    streams = [trio.lowlevel.FdStream(out_r), trio.lowlevel.FdStream(err_r)]
+    exited: dict[str, object] | None = None
+    failure: dict[str, object] | None = None
+    started_at = ended_at = 0.0
+    try:
+        try:
+            passed += [_memfd(f"file{i}", data) for i, data in enumerate(files)]
+            await init.go(go_ops, launch_ops, passed)
+        finally:
+            for fd in passed:
+                os.close(fd)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_capture, streams[0], "stdout", state, init, on_output)
+            nursery.start_soon(_capture, streams[1], "stderr", state, init, on_output)
+            event = await init.event()
+            local_start = time.monotonic()
+            if event is not None and event.get("event") == "started":
+                started_at = float(event.get("time", local_start))
+                async with trio.open_nursery() as watching:
+                    watching.start_soon(_cpu_watchdog, cgroup, state, init)
+                    with trio.move_on_after(limits.wall_time or 0) as wall:
+                        event = await init.event()
+                    if wall.cancelled_caught:
+                        state.fire(Status.TIME_LIMIT, init)
+                    if event is not None and event.get("event") == "exited":
+                        exited = event
+                        ended_at = float(event.get("time", time.monotonic()))
+                    await init.wait_dead()
+                    watching.cancel_scope.cancel()
+                if not ended_at:
+                    ended_at = time.monotonic() - local_start + started_at
+            else:
+                failure = event or {"event": "failed", "step": "init",
+                                    "message": "sandbox init died before the job started"}
+                init.kill()
+                await init.wait_dead()
+    finally:
+        for s in streams:
+            with contextlib.suppress(trio.ClosedResourceError, OSError):
+                await s.aclose()
+    stats = cgroup.stats()
+    measured = _Measured(cpu_time=stats.cpu_time, wall_time=max(ended_at - started_at, 0.0),
+                         memory=stats.memory_peak, stdout=bytes(state.stdout),
+                         stderr=bytes(state.stderr),
+                         setup_time=max(started_at - t_start, 0.0) if t_start else 0.0)
+    if failure is not None:
+        return _failed_start(failure, measured)
+    return _verdict(state, measured, stats.oom_killed, exited)
+
+
+@dataclass(frozen=True)
+class _Measured:
+    cpu_time: float
+    wall_time: float
+    memory: int
+    stdout: bytes
+    stderr: bytes
+    setup_time: float
+
+    def result(self, status: Status, *, exit_code: int | None = None, signal: int | None = None,
+               message: str = "", note: bytes = b"") -> Result:
+        return Result(status=status, exit_code=exit_code, signal=signal, cpu_time=self.cpu_time,
+                      wall_time=self.wall_time, memory=self.memory, stdout=self.stdout,
+                      stderr=self.stderr + note, setup_time=self.setup_time, message=message)
+
+
+def _verdict(state: _State, m: _Measured, oom: bool, exited: dict[str, object] | None) -> Result:
+    """A limit that fired wins over the signal it caused; then OOM; then CPU time over the
+    limit (a job may finish just past it); then the wait status."""
+    exit_code: int | None = None
+    sig: int | None = None
+    if exited is not None:
+        status = int(str(exited["status"]))
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+        else:
+            exit_code = os.WEXITSTATUS(status)
+    elif state.fired is not None or oom:
+        sig = signal.SIGKILL  # we (or the OOM killer) killed init, and with it the job
+    else:
+        return m.result(Status.INTERNAL_ERROR, message="sandbox init died unexpectedly")
+    if state.fired is not None:
+        verdict = state.fired
+    elif oom:
+        verdict = Status.MEMORY_LIMIT
+    elif state.limits.time is not None and m.cpu_time > state.limits.time:
+        verdict = Status.TIME_LIMIT
+    elif sig is not None:
+        verdict = Status.SIGNALED
+    elif exit_code:
+        verdict = Status.NONZERO_EXIT
+    else:
+        verdict = Status.OK
+    return m.result(verdict, exit_code=exit_code, signal=sig)
+
+
+def _failed_start(failure: dict[str, object], m: _Measured) -> Result:
+    """The program never started. A missing or non-executable command is the program's
+    failure, reported as a shell would (127 / 126); anything else is ours."""
+    err = int(str(failure.get("errno") or 0))
+    message = str(failure.get("message", "set-up failed"))
+    argv0 = failure.get("exec")
+    if failure.get("step") == "launch" and argv0:
+        if err in (errno.ENOENT, errno.ENOTDIR):
+            return m.result(Status.NONZERO_EXIT, exit_code=127,
+                            note=f"sandbox: {argv0}: command not found\n".encode())
+        if err in (errno.EACCES, errno.ENOEXEC, errno.EPERM, errno.EISDIR):
+            return m.result(Status.NONZERO_EXIT, exit_code=126, note=(
+                f"sandbox: {argv0}: cannot execute: {os.strerror(err)}\n".encode()))
+    return m.result(Status.INTERNAL_ERROR, message=f"{failure.get('step')}: {message}")

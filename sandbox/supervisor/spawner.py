@@ -1,0 +1,185 @@
+"""The trio side of the spawner and of each sandbox's init.
+
+`Spawner` starts ``sandbox._spawner`` once (from the main thread, so that its parent-death
+signal is tied to the supervisor's life, not to a worker thread's) and asks it for
+sandboxes. `InitHandle` is one sandbox: its pidfd (to kill it and to learn that it and
+everything in its pid namespace is gone) and its socket (events in, the go message out).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import trio
+
+from ..config import PACKAGE_DIR
+from ..errors import SandboxError, SetupError
+from ..jail import ops
+from ..jail.wire import MAX_FDS, MAX_MESSAGE
+
+
+async def _recv(sock: trio.socket.SocketType) -> tuple[dict[str, Any] | None, list[int]]:
+    fds = array.array("i")
+    data, anc, _flags, _ = await sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(
+        MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    return json.loads(data), list(fds)
+
+
+async def _send(sock: trio.socket.SocketType, msg: dict[str, Any], fds: list[int]) -> None:
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    await sock.sendmsg([json.dumps(msg, separators=(",", ":")).encode()], anc)
+
+
+class InitHandle:
+    """A sandbox's init process, as the supervisor sees it."""
+
+    def __init__(self, pid: int, pidfd: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.sock = trio.socket.from_stdlib_socket(sock)
+        self.ready_at = 0.0
+        self._dead = False
+        self._closed = False
+
+    async def event(self) -> dict[str, Any] | None:
+        """The next event from init, or None once it has hung up."""
+        try:
+            msg, fds = await _recv(self.sock)
+        except (OSError, ValueError):
+            return None
+        for fd in fds:
+            os.close(fd)
+        return msg
+
+    async def wait_ready(self) -> None:
+        msg = await self.event()
+        if msg is None or msg.get("event") != "ready":
+            raise _setup_error(msg)
+        self.ready_at = float(msg.get("time", 0.0))
+
+    async def go(self, go_ops: list[ops.Op], launch_ops: list[ops.Op], fds: list[int]) -> None:
+        await _send(self.sock, {"go": ops.encode(go_ops), "launch": ops.encode(launch_ops)},
+                    fds)
+
+    def alive(self) -> bool:
+        import select  # noqa: PLC0415
+
+        if self._dead:
+            return False
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        if poller.poll(0):
+            self._dead = True
+        return not self._dead
+
+    def kill(self) -> None:
+        """SIGKILL init; the kernel then kills everything else in its pid namespace."""
+        if not self._dead:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    async def wait_dead(self) -> None:
+        """Return once init has exited, which (as the pid namespace's init) means every
+        process of the job is gone too."""
+        if not self._dead:
+            await trio.lowlevel.wait_readable(self.pidfd)
+            self._dead = True
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.sock.close()
+            os.close(self.pidfd)
+
+    async def discard(self) -> None:
+        """Kill, wait for and release an unused sandbox."""
+        self.kill()
+        with trio.CancelScope(shield=True):
+            await self.wait_dead()
+        self.close()
+
+
+def _setup_error(msg: dict[str, Any] | None) -> SandboxError:
+    if msg is None:
+        return SandboxError("sandbox init died during set-up")
+    if msg.get("event") == "failed":
+        return SetupError(str(msg.get("step", "?")), int(msg.get("errno", 0)),
+                          str(msg.get("message", "")))
+    return SandboxError(f"unexpected event from sandbox init: {msg.get('event')!r}")
+
+
+class Spawner:
+    """One ``sandbox._spawner`` process and the socket to it."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: trio.socket.SocketType | None = None
+        self._lock = trio.Lock()
+        self._next_id = 0
+
+    def start(self) -> None:
+        """Start the spawner (synchronously, from the calling thread: call it from the
+        main thread)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+                "from sandbox._spawner import main; main(int(sys.argv[2]))")
+        # A minimal environment: a sandbox's init is a fork of the spawner, so this is what
+        # /proc/1/environ would hold (were it readable, which it is not).
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", code, str(PACKAGE_DIR.parent),
+                 str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),), env=env, close_fds=True)
+        finally:
+            theirs.close()
+        self._sock = trio.socket.from_stdlib_socket(ours)
+
+    async def spawn(self, prepare: list[ops.Op], flags: int,
+                    idmap: dict[str, list[list[int]]] | None) -> InitHandle:
+        """Clone a new sandbox init that runs ``prepare``; returns once it is cloned (use
+        `InitHandle.wait_ready` to wait for the set-up)."""
+        if self._sock is None:
+            raise SandboxError("spawner is not running")
+        async with self._lock:
+            self._next_id += 1
+            request = {"id": self._next_id, "op": "spawn", "flags": flags,
+                       "prepare": ops.encode(prepare), "idmap": idmap}
+            await _send(self._sock, request, [])
+            reply, fds = await _recv(self._sock)
+        if reply is None:
+            raise SandboxError("the spawner exited unexpectedly")
+        if "error" in reply:
+            for fd in fds:
+                os.close(fd)
+            raise SandboxError(f"cannot create a sandbox: {reply['error']}")
+        pidfd, sock_fd = fds
+        return InitHandle(int(reply["pid"]), pidfd, socket.socket(fileno=sock_fd))
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
