@@ -11,7 +11,10 @@ fork of a multi-threaded process.
 Requests (JSON over SOCK_SEQPACKET, see `jail.wire`)::
 
     {"id": N, "op": "spawn", "flags": CLONE_FLAGS, "prepare": [ops...],
-     "idmap": null | {"uid": [[inside, outside, count], ...], "gid": [...]}}
+     "idmap": null | {"uid": [[inside, outside, count], ...], "gid": [...], "direct": bool}}
+
+With an idmap the spawner writes the maps (itself when ``direct``, being root; else with
+newuidmap/newgidmap) and then releases the init, which waits for that in `AwaitIdMap`.
     {"id": N, "op": "ping"}
 
 Replies: ``{"id": N, "pid": PID}`` with descriptors ``[pidfd, socket]``, or
@@ -32,6 +35,11 @@ from .jail import init, ops, wire
 
 
 def _write_idmaps(pid: int, idmap: dict[str, list[list[int]]]) -> None:
+    if idmap.get("direct"):  # we are root: write the maps ourselves
+        for key in ("uid", "gid"):
+            lines = "".join(f"{a} {b} {c}\n" for a, b, c in idmap[key])
+            linux.write_file(f"/proc/{pid}/{key}_map", lines)
+        return
     for tool, key in (("newuidmap", "uid"), ("newgidmap", "gid")):
         args = [str(x) for triple in idmap[key] for x in triple]
         proc = subprocess.run([tool, str(pid), *args], capture_output=True, text=True,

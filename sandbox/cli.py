@@ -142,8 +142,16 @@ def exec_cmd(image: str, profile: str, time_: float | None, wall_time: float | N
     from .client import run_job  # noqa: PLC0415
 
     stream = None if as_json else _passthrough
-    with _Progress() as progress:
-        result = run_job(spec, on_output=stream, on_progress=progress)
+    try:
+        with _Progress() as progress:
+            result = run_job(spec, on_output=stream, on_progress=progress)
+    except SandboxError as e:
+        if as_json:  # scripts still get their one object
+            click.echo(json.dumps({"status": "internal_error", "exit_code": None,
+                                   "signal": None, "cpu_time": 0.0, "wall_time": 0.0,
+                                   "memory": 0, "stdout": "", "stderr": "",
+                                   "message": str(e)}))
+        fail(str(e))
     if as_json:
         click.echo(json.dumps(result.to_json()))
     elif result.status.value != "ok":

@@ -15,6 +15,16 @@ def _shipped(name: str) -> Path:
     return beside if beside.is_dir() else PACKAGE_DIR / "_data" / name
 
 
+def spawner_python() -> str:
+    """The interpreter that creates namespaces: ``python-sandbox`` beside ours when the
+    installer made one (Ubuntu's AppArmor allows user namespaces to that copy only), else
+    ours."""
+    import sys  # noqa: PLC0415
+
+    candidate = Path(sys.executable).parent / "python-sandbox"
+    return str(candidate) if os.access(candidate, os.X_OK) else sys.executable
+
+
 def sandbox_home() -> Path:
     """The image store: ``$SANDBOX_HOME``, else ``$XDG_DATA_HOME/sandbox``, else
     ``~/.local/share/sandbox``."""

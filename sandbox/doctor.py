@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cgroups
-from .config import PACKAGE_DIR
+from .config import PACKAGE_DIR, spawner_python
 from .errors import SandboxError
 
 
@@ -82,7 +82,7 @@ def check_userns() -> Check:
                      "sysctl -w kernel.unprivileged_userns_clone=1")
     apparmor = _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1"
     with tempfile.TemporaryDirectory(prefix="sandbox-doctor-") as d:
-        proc = subprocess.run([sys.executable, "-I", "-S", "-c", _PROBE, str(PACKAGE_DIR.parent),
+        proc = subprocess.run([spawner_python(), "-I", "-S", "-c", _PROBE, str(PACKAGE_DIR.parent),
                                d], capture_output=True, text=True, timeout=30, check=False)
     if proc.returncode == 0:
         return Check(name, True, "unshare, id maps, tmpfs, overlayfs+userxattr, whiteouts, lo")

@@ -114,6 +114,8 @@ class Limits:
                 parsed = _LIMIT_PARSERS[f.name](value)
             except (TypeError, ValueError):
                 raise SpecError(f"invalid {f.name} limit {value!r}") from None
+            except SpecError as e:
+                raise SpecError(f"{f.name}: {e}") from None
             if f.name == "pids" and parsed < 1:
                 raise SpecError(f"invalid pids limit {value!r}: must be at least 1")
             if f.name in ("memory", "disk") and parsed < 65536:

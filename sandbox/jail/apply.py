@@ -94,8 +94,10 @@ def apply(op: Op, ctx: Context) -> None:
         case MountOverlay(lower, upper, work, target):
             data = f"lowerdir={':'.join(lower)},upperdir={upper},workdir={work},userxattr"
             linux.mount("overlay", target, "overlay", _NOSUID_NODEV, data)
-        case BindMount(source, target, readonly, create):
+        case BindMount(source, target, readonly, create, devices):
             if not os.path.lexists(target):
+                if create == "skip":
+                    return
                 if create == "file":
                     os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
                 else:
@@ -104,7 +106,7 @@ def apply(op: Op, ctx: Context) -> None:
             flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_NOSUID | _kept_flags(target)
             if readonly:
                 flags |= linux.MS_RDONLY
-            if not source.startswith("/dev/"):
+            if not devices:
                 flags |= linux.MS_NODEV
             linux.mount(None, target, None, flags)
         case MountProc(target):

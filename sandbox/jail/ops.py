@@ -66,12 +66,14 @@ class MountOverlay:
 
 @dataclass(frozen=True, slots=True)
 class BindMount:
-    """Bind ``source`` on ``target`` (recursive), creating the target (a file or a dir)."""
+    """Bind ``source`` on ``target`` (recursive), creating the target (a file or a dir), or
+    skipping the op when the target is missing and ``create`` is ``"skip"``."""
 
     source: str
     target: str
     readonly: bool = False
-    create: str = "dir"  # "dir" | "file"
+    create: str = "dir"  # "dir" | "file" | "skip"
+    devices: bool = False  # keep device nodes usable (only the sandbox's /dev entries)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,10 @@ DEV_LINKS = (("/proc/self/fd", "fd"), ("/proc/self/fd/0", "stdin"),
              ("/proc/self/fd/1", "stdout"), ("/proc/self/fd/2", "stderr"),
              ("pts/ptmx", "ptmx"))
 DEV_SIZE = 64 * 1024
+# Like Docker's defaults: kernel knobs read-only, kernel internals masked (with /dev/null).
+PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+PROC_MASKED = ("kcore", "keys", "timer_list", "sched_debug", "latency_stats", "kallsyms",
+               "kpagecount", "kpageflags", "kpagecgroup", "config.gz")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,17 +33,24 @@ class IdMapping:
     mapped; init and job share that uid (init keeps capabilities, the job none).
     ``subuid``: 0 -> the caller, 1..count -> the caller's /etc/subuid range, written by
     newuidmap; init runs as 0, the job as its own uid, which owns nothing of the image.
+    ``root``: the same shape when the caller is root, written directly by the spawner: the
+    job never runs as host uid 0 (which passes every DAC check on root-owned files, such as
+    /proc/sys, even without capabilities), but as an unused high uid.
     """
 
-    mode: str  # "single" | "subuid"
+    mode: str  # "single" | "subuid" | "root"
     outside_uid: int
     outside_gid: int
     sub_uid: tuple[int, int] = (0, 0)  # (start, count)
     sub_gid: tuple[int, int] = (0, 0)
 
-    def newidmap_args(self) -> dict[str, list[list[int]]]:
+    def spawner_args(self) -> dict[str, object] | None:
+        """What the spawner must write for this mapping (None: init writes its own)."""
+        if self.mode == "single":
+            return None
         return {"uid": [[0, self.outside_uid, 1], [1, self.sub_uid[0], self.sub_uid[1]]],
-                "gid": [[0, self.outside_gid, 1], [1, self.sub_gid[0], self.sub_gid[1]]]}
+                "gid": [[0, self.outside_gid, 1], [1, self.sub_gid[0], self.sub_gid[1]]],
+                "direct": self.mode == "root"}
 
     def init_ids(self, job_uid: int, job_gid: int) -> tuple[int, int]:
         """The uid/gid init runs as inside (and thus owns what it creates)."""
@@ -96,8 +107,13 @@ def prepare(shape: SandboxShape, idmap: IdMapping) -> list[o.Op]:
                   o.BindMount(root + shape.workdir, root + shape.workdir)]
     steps += [
         o.MountProc(f"{root}/proc"),
+        *[o.BindMount(f"{root}/proc/{p}", f"{root}/proc/{p}", readonly=True, create="skip")
+          for p in PROC_READONLY],
+        *[o.BindMount("/dev/null", f"{root}/proc/{p}", readonly=True, create="skip")
+          for p in PROC_MASKED],
         o.MountTmpfs(f"{root}/dev", DEV_SIZE, 0o755, noexec=True),
-        *[o.BindMount(f"/dev/{n}", f"{root}/dev/{n}", create="file") for n in DEV_NODES],
+        *[o.BindMount(f"/dev/{n}", f"{root}/dev/{n}", create="file", devices=True)
+          for n in DEV_NODES],
         o.MakeDir(f"{root}/dev/pts", 0o755),
         o.MountDevpts(f"{root}/dev/pts"),
         o.MakeDir(f"{root}/dev/shm", 0o1777),
@@ -193,12 +209,22 @@ def read_subids(path: str, user: str, uid: int) -> tuple[int, int] | None:
     return None
 
 
+# Host ids for root's jobs when root has no /etc/subuid range: outside what useradd hands
+# out (SUB_UID_MAX is 600100000 by default), so no user's containers share them.
+ROOT_JOB_IDS = 2_147_483_648
+
+
 def detect_idmap(user: str) -> IdMapping:
-    """subuid when /etc/subuid and /etc/subgid have a range for us and newuidmap exists (or
+    """As root: ``root`` mode (root's /etc/subuid range, else `ROOT_JOB_IDS`). Otherwise
+    subuid when /etc/subuid and /etc/subgid have a range for us and newuidmap exists (or
     ``SANDBOX_IDMAP=subuid``); else a single mapping. ``SANDBOX_IDMAP=single`` forces it."""
     import shutil  # noqa: PLC0415
 
     uid, gid = os.getuid(), os.getgid()
+    if uid == 0:
+        root_u = read_subids("/etc/subuid", user, uid) or (ROOT_JOB_IDS, 65536)
+        root_g = read_subids("/etc/subgid", user, gid) or (ROOT_JOB_IDS, 65536)
+        return IdMapping("root", 0, 0, (root_u[0], 65536), (root_g[0], 65536))
     single = IdMapping("single", uid, gid)
     choice = os.environ.get("SANDBOX_IDMAP", "auto")
     if choice == "single":

@@ -84,6 +84,14 @@ class Supervisor:
             raise SandboxError("supervisor is not started")
         return self._idmap
 
+    def idmap_for(self, upper_dir: str) -> plan.IdMapping:
+        """Builds keep their overlay upper on disk, where we must be able to read and delete
+        everything the RUN step wrote: without root, that takes a single mapping."""
+        idmap = self.idmap
+        if upper_dir and idmap.mode == "subuid":
+            return plan.IdMapping("single", idmap.outside_uid, idmap.outside_gid)
+        return idmap
+
     # -- images -------------------------------------------------------------------------
 
     async def image(self, ref: str) -> Image:
@@ -116,12 +124,9 @@ class Supervisor:
 
     async def new_sandbox(self, shape: plan.SandboxShape) -> InitHandle:
         """Clone an init that builds a sandbox of ``shape``, and wait until it is ready."""
-        idmap = self.idmap
-        if shape.upper_dir:  # builds keep their upper on disk: a single mapping owns it
-            idmap = plan.IdMapping("single", idmap.outside_uid, idmap.outside_gid)
-        init = await self.spawner.spawn(
-            plan.prepare(shape, idmap), plan.clone_flags(),
-            idmap.newidmap_args() if idmap.mode == "subuid" else None)
+        idmap = self.idmap_for(shape.upper_dir)
+        init = await self.spawner.spawn(plan.prepare(shape, idmap), plan.clone_flags(),
+                                        idmap.spawner_args())
         try:
             await init.wait_ready()
         except BaseException:
@@ -153,8 +158,7 @@ class Supervisor:
         if not argv:
             raise SpecError(f"nothing to run: image {image.ref} has no entry point or command")
         bpf = seccomp.compile_bpf(profile.seccomp)
-        idmap = self.idmap if not upper_dir else plan.IdMapping(
-            "single", self.idmap.outside_uid, self.idmap.outside_gid)
+        idmap = self.idmap_for(upper_dir)
         workdir = workdir or profile.workdir
         env = plan.job_env(path=profile.path_env, home=workdir, lang=profile.lang,
                            image_env=image.env, extra=spec.env)

@@ -15,12 +15,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from typing import Any
 
 import trio
 
-from ..config import PACKAGE_DIR
+from ..config import PACKAGE_DIR, spawner_python
 from ..errors import SandboxError, SetupError
 from ..jail import ops
 from ..jail.wire import MAX_FDS, MAX_MESSAGE
@@ -143,7 +142,7 @@ class Spawner:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", code, str(PACKAGE_DIR.parent),
+                [spawner_python(), "-I", "-S", "-c", code, str(PACKAGE_DIR.parent),
                  str(theirs.fileno())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),), env=env, close_fds=True)
@@ -152,7 +151,7 @@ class Spawner:
         self._sock = trio.socket.from_stdlib_socket(ours)
 
     async def spawn(self, prepare: list[ops.Op], flags: int,
-                    idmap: dict[str, list[list[int]]] | None) -> InitHandle:
+                    idmap: dict[str, object] | None) -> InitHandle:
         """Clone a new sandbox init that runs ``prepare``; returns once it is cloned (use
         `InitHandle.wait_ready` to wait for the set-up)."""
         if self._sock is None:

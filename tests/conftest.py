@@ -1,0 +1,252 @@
+"""Shared fixtures: the CLI as root and as an unprivileged user, images, the probe, and a
+leak check after every test that runs sandboxes.
+
+Capability probes never silently skip: if this host cannot run sandboxes the tests fail
+(set SANDBOX_TESTS_ALLOW_SKIP=1 to skip instead, e.g. on a laptop without delegation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+SANDBOX = str(VENV_BIN / "sandbox")
+TEST_USER = "sandbox-test"
+ALLOW_SKIP = os.environ.get("SANDBOX_TESTS_ALLOW_SKIP") == "1"
+
+
+def need(condition: bool, why: str) -> None:
+    if condition:
+        return
+    if ALLOW_SKIP:
+        pytest.skip(why)
+    pytest.fail(f"this host cannot run the test: {why} (SANDBOX_TESTS_ALLOW_SKIP=1 skips)")
+
+
+@dataclass
+class Runner:
+    """Runs the `sandbox` CLI as ``user`` (None: the test process's own user)."""
+
+    user: str | None
+    home: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.user or pwd.getpwuid(os.getuid()).pw_name
+
+    def command(self, args: list[str], extra_env: dict[str, str] | None = None) -> list[str]:
+        if self.user is None:
+            return [SANDBOX, *args]
+        env = [f"{k}={v}" for k, v in {**self.env, **(extra_env or {})}.items()]
+        return ["runuser", "-u", self.user, "--", "env", "-i", *env, SANDBOX, *args]
+
+    def run(self, args: list[str], *, input: bytes | None = None, timeout: float = 120,
+            check: bool = False, pass_fds: tuple[int, ...] = (),
+            extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+        env = None if self.user is not None else {**os.environ, **self.env, **(extra_env or {})}
+        proc = subprocess.run(self.command(args, extra_env), input=input, capture_output=True,
+                              timeout=timeout, env=env, pass_fds=pass_fds, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"sandbox {' '.join(args)} failed ({proc.returncode}): "
+                                 f"{proc.stderr.decode(errors='replace')}")
+        return proc
+
+    def exec(self, *args: str, image: str = "busybox", input: bytes | None = None,
+             timeout: float = 120, pass_fds: tuple[int, ...] = ()) -> dict[str, Any]:
+        """`sandbox exec --json --image IMAGE ARGS...` -> the parsed result object."""
+        proc = self.run(["exec", "--json", "--image", image, *args], input=input,
+                        timeout=timeout, pass_fds=pass_fds)
+        try:
+            result = json.loads(proc.stdout)
+        except ValueError:
+            raise AssertionError(f"no JSON from sandbox exec (exit {proc.returncode}): "
+                                 f"{proc.stderr.decode(errors='replace')}") from None
+        result["cli_exit"] = proc.returncode
+        return result
+
+    def sh(self, script: str, *extra: str, image: str = "busybox", **kw: Any) -> dict[str, Any]:
+        return self.exec(*extra, "sh", "-c", script, image=image, **kw)
+
+
+def _ensure_image(runner: Runner, name: str) -> None:
+    listing = runner.run(["images", "--json"], check=True)
+    if any(i["name"] == f"{name}:latest" for i in json.loads(listing.stdout)):
+        return
+    runner.run(["image", "build", name], timeout=900, check=True)
+
+
+@pytest.fixture(scope="session")
+def root_runner() -> Runner:
+    """The CLI as the user running the tests (root in CI), with its default image store."""
+    runner = Runner(None, Path.home())
+    _ensure_image(runner, "busybox")
+    return runner
+
+
+def _create_test_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", TEST_USER],
+                       check=True, capture_output=True)
+        return pwd.getpwnam(TEST_USER)
+
+
+def _ensure_subids(user: str) -> None:
+    for path, flag in (("/etc/subuid", "--add-subuids"), ("/etc/subgid", "--add-subgids")):
+        text = Path(path).read_text() if Path(path).exists() else ""
+        if not any(line.split(":")[0] == user for line in text.splitlines()):
+            subprocess.run(["usermod", flag, "300000-365535", user], check=True,
+                           capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def user_runner() -> Runner:
+    """The CLI as an unprivileged user created for the tests (rootless for real)."""
+    need(os.geteuid() == 0, "creating the unprivileged test user needs root")
+    need(shutil.which("runuser") is not None, "runuser is missing")
+    pw = _create_test_user()
+    _ensure_subids(TEST_USER)
+    subprocess.run([SANDBOX, "system", "setup", "--user", TEST_USER], check=True,
+                   capture_output=True)
+    home = Path(pw.pw_dir)
+    env = {"HOME": str(home), "USER": TEST_USER, "LOGNAME": TEST_USER,
+           "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8"}
+    if store := os.environ.get("SANDBOX_TEST_USER_HOME"):  # a store of its own per checkout
+        env["SANDBOX_HOME"] = store
+    runner = Runner(TEST_USER, home, env=env)
+    _ensure_image(runner, "busybox")
+    return runner
+
+
+@pytest.fixture(params=["root", "user"])
+def runner(request: pytest.FixtureRequest) -> Runner:
+    """Each isolation test runs twice: as root and as an unprivileged user."""
+    fixture = "root_runner" if request.param == "root" else "user_runner"
+    return request.getfixturevalue(fixture)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def py3(root_runner: Runner) -> Runner:
+    """The CLI as root, with the py3 image."""
+    _ensure_image(root_runner, "py3")
+    return root_runner
+
+
+@pytest.fixture(scope="session")
+def user_py3(user_runner: Runner) -> Runner:
+    """The CLI as the unprivileged user, with py3 built rootless by that user."""
+    _ensure_image(user_runner, "py3")
+    return user_runner
+
+
+@pytest.fixture(params=["root", "user"])
+def runner_py3(request: pytest.FixtureRequest) -> Runner:
+    """Like `runner`, with the py3 image available."""
+    return request.getfixturevalue(  # type: ignore[no-any-return]
+        "py3" if request.param == "root" else "user_py3")
+
+
+@pytest.fixture(scope="session")
+def probe() -> Iterator[Path]:
+    """tests/probe/probe.c compiled statically, in a directory the unprivileged user can
+    read (pytest's own tmp dirs are private to root)."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    need(cc is not None, "a C compiler (gcc) is needed to build the probe")
+    out_dir = Path(tempfile.mkdtemp(prefix="sandbox-probe-"))
+    out_dir.chmod(0o755)
+    out = out_dir / "probe"
+    subprocess.run([str(cc), "-static", "-O2", "-o", str(out), str(REPO / "tests/probe/probe.c")],
+                   check=True, capture_output=True)
+    out.chmod(0o755)
+    yield out
+    shutil.rmtree(out_dir)
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A temporary directory the unprivileged test user can read (pytest's are private)."""
+    path = Path(tempfile.mkdtemp(prefix="sandbox-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+# ------------------------------------------------------------------ leak checking
+
+
+def _our_cgroups() -> list[str]:
+    found = []
+    for controller in ("memory", "pids", "cpuacct"):
+        base = Path("/sys/fs/cgroup") / controller / "sandbox"
+        if base.is_dir():
+            for user_dir in base.iterdir():
+                if user_dir.is_dir():
+                    found += [str(p) for p in user_dir.iterdir() if p.is_dir()]
+    return found
+
+
+def _sandbox_mounts() -> list[str]:
+    lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    return [line for line in lines if " - overlay " in line or "/sandbox-" in line.split()[4]]
+
+
+def _user_processes() -> list[str]:
+    try:
+        uid = pwd.getpwnam(TEST_USER).pw_uid
+    except KeyError:
+        return []
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    out.append(f"{entry.name}: {(entry / 'cmdline').read_bytes()[:80]!r}")
+            except OSError:
+                continue
+    return out
+
+
+def _children() -> list[str]:
+    me = str(os.getpid())
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == me:
+                out.append(entry.name)
+    return out
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Fail the test if it left a cgroup, a mount, a process or a child behind."""
+    before = set(_our_cgroups())
+    yield
+    import time
+
+    for _ in range(50):  # cleanup of the last job may still be finishing
+        leaked = (set(_our_cgroups()) - before, _sandbox_mounts(), _user_processes(),
+                  _children())
+        if not any(leaked):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"left behind: cgroups={sorted(leaked[0])} mounts={leaked[1]} "
+                         f"test-user processes={leaked[2]} children={leaked[3]}")

@@ -1,0 +1,77 @@
+"""The set-up plan: pure data, checked without privileges."""
+
+from __future__ import annotations
+
+from sandbox.jail import ops as o
+from sandbox.jail import plan
+
+SHAPE = plan.SandboxShape(lower=("/store/layers/b", "/store/layers/a"), disk=1 << 20,
+                          workdir="/work", uid=1000, gid=1000, hostname="sandbox",
+                          mount_point="/run/user/1/sandbox/mnt")
+SINGLE = plan.IdMapping("single", 1001, 1001)
+SUBUID = plan.IdMapping("subuid", 1001, 1001, (100000, 65536), (100000, 65536))
+
+
+def kinds(steps: list[o.Op]) -> list[str]:
+    return [type(s).__name__ for s in steps]
+
+
+def test_prepare_order() -> None:
+    steps = plan.prepare(SHAPE, SINGLE)
+    names = kinds(steps)
+    assert names[0] == "SetIdMap" and names[1] == "MakeRootPrivate"
+    assert names.index("MountTmpfs") < names.index("MountOverlay") < names.index("MountProc")
+    assert names.index("MountProc") < names.index("PivotRoot")
+    pivot = names.index("PivotRoot")
+    assert steps[pivot + 1] == o.Remount("/", readonly=True)  # the root turns read-only
+    assert names[-2:] == ["SetHostname", "LoopbackUp"]
+    overlay = next(s for s in steps if isinstance(s, o.MountOverlay))
+    assert overlay.lower == SHAPE.lower  # topmost layer first
+    # /work and /tmp stay writable: bound onto themselves before the root turns read-only
+    binds = [s.target for s in steps if isinstance(s, o.BindMount)]
+    assert f"{SHAPE.mount_point}/root/work" in binds and f"{SHAPE.mount_point}/root/tmp" in binds
+    # /dev nodes keep working, masks and everything else are nodev
+    devs = [s for s in steps if isinstance(s, o.BindMount) and s.devices]
+    assert sorted(s.source for s in devs) == sorted(f"/dev/{n}" for n in plan.DEV_NODES)
+
+
+def test_subuid_waits_for_the_spawner() -> None:
+    steps = plan.prepare(SHAPE, SUBUID)
+    assert isinstance(steps[0], o.AwaitIdMap)
+    args = SUBUID.spawner_args()
+    assert args == {"uid": [[0, 1001, 1], [1, 100000, 65536]],
+                    "gid": [[0, 1001, 1], [1, 100000, 65536]], "direct": False}
+    assert SINGLE.spawner_args() is None
+
+
+def test_launch_order_seccomp_last() -> None:
+    launch = plan.Launch(argv=("python3", "x.py"), env={"PATH": "/bin"}, files=[("x.py", 0o644)],
+                         workdir="/work", uid=1000, gid=1000, rlimits={"core": (0, 0)},
+                         bpf=b"\x06\x00\x00\x00\x00\x00\xff\x7f")
+    steps = plan.launch_ops(launch, SINGLE)
+    names = kinds(steps)
+    assert names[0] == "NewSession"
+    assert names.index("DropBoundingSet") < names.index("SetIds") < names.index(
+        "ClearCapabilities") < names.index("NoNewPrivs") < names.index("Seccomp")
+    assert names[-2:] == ["Seccomp", "Exec"]
+    go = plan.go(launch, SINGLE)
+    assert go == [o.WriteFile("/work/x.py", 3, 0o644, 1000, 1000), o.UnshareCgroupNamespace()]
+
+
+def test_go_creates_parent_dirs_first() -> None:
+    launch = plan.Launch(argv=("x",), env={}, files=[("a/b/c.txt", 0o644), ("a/d.txt", 0o600)],
+                         workdir="/work", uid=1000, gid=1000, rlimits={}, bpf=b"")
+    steps = plan.go(launch, SINGLE)
+    assert steps[:2] == [o.MakeDir("/work/a", 0o755, 1000, 1000),
+                         o.MakeDir("/work/a/b", 0o755, 1000, 1000)]
+
+
+def test_ops_round_trip_through_json() -> None:
+    steps = plan.prepare(SHAPE, SINGLE)
+    assert o.decode(o.encode(steps)) == steps
+
+
+def test_environment_is_built_not_inherited() -> None:
+    env = plan.job_env(path="/bin", home="/work", lang="C.UTF-8",
+                       image_env={"PATH": "/usr/bin", "X": "1"}, extra={"X": "2"})
+    assert env == {"PATH": "/usr/bin", "HOME": "/work", "LANG": "C.UTF-8", "X": "2"}

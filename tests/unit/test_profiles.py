@@ -1,0 +1,79 @@
+"""Profile parsing and seccomp compilation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sandbox.errors import ProfileError
+from sandbox.profiles import load_profile, parse_profile
+from sandbox.seccomp import compile_bpf, pfc
+
+MINIMAL = """
+[limits]
+time = 1
+wall_time = 2
+memory = "64M"
+pids = 8
+output = "1M"
+disk = "1M"
+[seccomp]
+deny = ["ptrace"]
+"""
+
+
+def test_shipped_profiles_parse_and_compile() -> None:
+    for name in ("default", "build"):
+        profile = load_profile(name)
+        assert not profile.limits.missing()
+        bpf = compile_bpf(profile.seccomp)
+        assert len(bpf) % 8 == 0 and len(bpf) > 8
+
+
+def test_default_profile_denies_what_the_issue_lists() -> None:
+    policy = load_profile("default").seccomp
+    for name in ("ptrace", "process_vm_readv", "mount", "umount2", "pivot_root", "fsopen",
+                 "fsmount", "move_mount", "open_tree", "mount_setattr", "unshare", "setns",
+                 "keyctl", "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd",
+                 "io_uring_setup", "kexec_load", "init_module", "reboot", "swapon", "acct",
+                 "syslog", "open_by_handle_at", "settimeofday", "clock_settime"):
+        assert name in policy.deny, name
+    assert "clone3" in policy.enosys
+    rules = {(r.syscall, r.arg) for r in policy.rules}
+    assert {("clone", 0), ("ioctl", 1), ("personality", 0)} <= rules
+    text = pfc(policy)
+    assert "KILL_PROCESS" in text or "KILL" in text  # another ABI kills
+
+
+def test_minimal_profile_and_defaults() -> None:
+    p = parse_profile("t", Path("t.toml"), MINIMAL)
+    assert (p.uid, p.gid, p.workdir) == (1000, 1000, "/work")
+    assert p.limits.memory == 64 << 20
+
+
+@pytest.mark.parametrize(("mutation", "message"), [
+    (lambda t: t.replace("time = 1\n", ""), "must set time"),
+    (lambda t: t + "[bogus]\n", "unknown section"),
+    (lambda t: t.replace('memory = "64M"', 'memory = "lots"'), "memory"),
+    (lambda t: t + '[job]\nworkdir = "relative"\n', "workdir"),
+    (lambda t: t + "[job]\nuid = -1\n", "uid"),
+    (lambda t: t + '[rlimits]\nnofiles = [1, 1]\n', "unknown limit"),
+    (lambda t: t.replace('deny = ["ptrace"]', 'deny = ["ptrace"]\nerrno = "ENOPE"'), "errno"),
+    (lambda t: t + '[[seccomp.rule]]\nsyscall = "ioctl"\narg = 9\nequals_32 = 1\n', "arg"),
+    (lambda t: "this is not toml = = =", "t.toml"),
+])
+def test_invalid_profiles_name_the_problem(mutation, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ProfileError, match=message):
+        parse_profile("t", Path("t.toml"), mutation(MINIMAL))
+
+
+def test_unknown_syscall_is_an_error() -> None:
+    p = parse_profile("t", Path("t.toml"), MINIMAL.replace('["ptrace"]', '["no_such_call"]'))
+    with pytest.raises(ProfileError, match="no_such_call"):
+        compile_bpf(p.seccomp)
+
+
+def test_unknown_profile() -> None:
+    with pytest.raises(ProfileError, match="unknown profile"):
+        load_profile("no-such-profile")
