@@ -160,20 +160,17 @@ def go(launch: Launch, idmap: IdMapping) -> list[o.Op]:
 
 
 def launch_ops(launch: Launch, idmap: IdMapping) -> list[o.Op]:
-    """Ops the job process runs between fork and execve; seccomp is the last before exec."""
+    """Ops init applies to itself before it spawns the job, which inherits the result:
+    nothing runs in the job's process before execve. Seccomp is loaded last."""
     return [
-        o.NewSession(),
-        o.Stdio((0, 1, 2)),
-        o.CloseFds(),
         o.Chdir(launch.workdir),
         o.SetRlimits({k: [v[0], v[1]] for k, v in launch.rlimits.items()}),
-        o.ResetSignals(),
         o.DropBoundingSet(),
         o.SetIds(launch.uid, launch.gid, setgroups=idmap.mode != "single"),
         o.ClearCapabilities(),
         o.NoNewPrivs(),
         o.Seccomp(launch.bpf.hex()),
-        o.Exec(tuple(launch.argv), dict(launch.env)),
+        o.Spawn(tuple(launch.argv), dict(launch.env), (0, 1, 2)),
     ]
 
 

@@ -50,10 +50,10 @@ def test_launch_order_seccomp_last() -> None:
                          bpf=b"\x06\x00\x00\x00\x00\x00\xff\x7f")
     steps = plan.launch_ops(launch, SINGLE)
     names = kinds(steps)
-    assert names[0] == "NewSession"
+    assert names[0] == "Chdir"
     assert names.index("DropBoundingSet") < names.index("SetIds") < names.index(
         "ClearCapabilities") < names.index("NoNewPrivs") < names.index("Seccomp")
-    assert names[-2:] == ["Seccomp", "Exec"]
+    assert names[-2:] == ["Seccomp", "Spawn"]
     go = plan.go(launch, SINGLE)
     assert go == [o.WriteFile("/work/x.py", 3, 0o644, 1000, 1000), o.UnshareCgroupNamespace()]
 
