@@ -267,12 +267,18 @@ class Result:
 
     @property
     def cli_exit_code(self) -> int:
-        """The exit code `sandbox exec` returns for this result."""
+        """The exit code `sandbox exec` returns: the program's; 128+N when it was killed by
+        signal N; 125 when the sandbox failed. A limit verdict is never 0 (a job that
+        exited 0 just past its CPU limit gives 1)."""
         if self.status is Status.INTERNAL_ERROR:
             return 125
         if self.signal is not None:
             return 128 + self.signal
-        return self.exit_code if self.exit_code is not None else 125
+        code = self.exit_code if self.exit_code is not None else 125
+        if code == 0 and self.status in (Status.TIME_LIMIT, Status.MEMORY_LIMIT,
+                                         Status.OUTPUT_LIMIT):
+            return 1
+        return code
 
     def summary(self) -> str:
         """A one-line human summary (printed by the CLI when the status is not ``ok``)."""

@@ -63,12 +63,14 @@ class V2Cgroup:
     def cpu_time(self) -> float:
         return _keyed(self.path / "cpu.stat").get("usage_usec", 0) / 1e6
 
+    def oom_killed(self) -> bool:
+        return _keyed(self.path / "memory.events").get("oom_kill", 0) > 0
+
     def stats(self) -> Stats:
         peak = 0
         with contextlib.suppress(FileNotFoundError, ValueError):
             peak = int((self.path / "memory.peak").read_text())
-        oom = _keyed(self.path / "memory.events").get("oom_kill", 0)
-        return Stats(cpu_time=self.cpu_time(), memory_peak=peak, oom_killed=oom > 0)
+        return Stats(cpu_time=self.cpu_time(), memory_peak=peak, oom_killed=self.oom_killed())
 
     def pids(self) -> list[int]:
         with contextlib.suppress(FileNotFoundError):

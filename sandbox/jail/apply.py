@@ -153,6 +153,9 @@ def apply(op: Op, ctx: Context) -> int | None:
                 os.setgroups([])
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
+            # A change of credentials clears the parent-death signal: arm it again (init
+            # checks its lifeline afterwards, in case the spawner died in between).
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
         case DropBoundingSet():
             linux.drop_bounding_set()
         case ClearCapabilities():

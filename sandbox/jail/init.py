@@ -48,6 +48,13 @@ def _close_all_except(keep: set[int]) -> None:
     linux.close_range(low)
 
 
+def _orphaned(lifeline: int) -> bool:
+    """True once the spawner is gone (the lifeline's write end closed)."""
+    poller = select.poll()
+    poller.register(lifeline, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def run(sock: socket.socket, prepare: list[Op], lifeline: tuple[int, int],
         idmap_fd: int) -> NoReturn:
     """Entry point in the cloned child. Never returns. ``lifeline`` is a pipe whose write
@@ -68,15 +75,13 @@ def _run(sock: socket.socket, prepare: list[Op], lifeline: int, idmap_fd: int) -
         if sig not in (signal.SIGKILL, signal.SIGSTOP):
             signal.signal(sig, signal.SIG_DFL)
     # The spawner may have died before PDEATHSIG was armed: then the lifeline has hung up.
-    poller = select.poll()
-    poller.register(lifeline, select.POLLIN)
-    if poller.poll(0):
+    if _orphaned(lifeline):
         return 1
     devnull = os.open("/dev/null", os.O_RDWR)
     for target in (0, 1, 2):
         os.dup2(devnull, target)
     os.close(devnull)
-    _close_all_except({sock.fileno(), idmap_fd})
+    _close_all_except({sock.fileno(), idmap_fd, lifeline})
 
     ctx = Context(idmap_fd=idmap_fd)
     for i, op in enumerate(prepare):
@@ -89,6 +94,7 @@ def _run(sock: socket.socket, prepare: list[Op], lifeline: int, idmap_fd: int) -
         os.close(idmap_fd)
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
     wire.send(sock, {"event": "ready", "time": time.monotonic()})
+    ready_cpu = time.thread_time()
 
     msg, fds = wire.recv(sock)
     if msg is None:  # the supervisor let this sandbox go unused
@@ -106,10 +112,16 @@ def _run(sock: socket.socket, prepare: list[Op], lifeline: int, idmap_fd: int) -
     started = time.monotonic()
     for fd in fds:
         os.close(fd)
+    if pid is not None and _orphaned(lifeline):  # the spawner died while SetIds re-armed
+        os.kill(pid, signal.SIGKILL)             # the parent-death signal
+        return 1
     if pid is None:
         wire.send(sock, _failure("launch", -1, None, OSError(errno.EINVAL, "nothing spawned")))
         return 1
-    wire.send(sock, {"event": "started", "time": started})
+    # The supervisor moved us into the job's cgroup after `ready`: what we used since then
+    # is ours, not the job's, and is subtracted from the cgroup's CPU time.
+    wire.send(sock, {"event": "started", "time": started,
+                     "init_cpu": time.thread_time() - ready_cpu})
 
     while True:
         try:

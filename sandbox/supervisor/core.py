@@ -6,12 +6,13 @@ control. The daemon serves it over a socket; the CLI embeds it when no daemon ru
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import trio
 
@@ -22,10 +23,29 @@ from ..jail import plan
 from ..profiles import Profile, load_profile
 from ..spec import JobSpec, Limits, Result, Status
 from . import job
-from .pool import Pool
-from .spawner import InitHandle, Spawner
+from .job import JobControl
+from .pool import Pool, Sandbox
+from .spawner import Spawner
 
 ProgressCallback = Callable[[str], None]
+
+
+@dataclass
+class JobInfo:
+    """A job as `sandbox daemon`'s list request shows it."""
+
+    id: str
+    image: str
+    command: str
+    submitted: float
+    started: float | None = None
+    owner: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {"id": self.id, "image": self.image, "command": self.command,
+                "owner": self.owner, "waiting": round((self.started or now) - self.submitted, 3),
+                "running": round(now - self.started, 3) if self.started else 0.0}
 
 
 class Supervisor:
@@ -45,7 +65,8 @@ class Supervisor:
         self._idmap: plan.IdMapping | None = None
         self._mount_point = ""
         self._build_lock = trio.Lock()
-        self.running: dict[str, JobSpec] = {}
+        self.queued: dict[str, JobInfo] = {}
+        self.running: dict[str, JobInfo] = {}
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -94,7 +115,7 @@ class Supervisor:
 
     # -- images -------------------------------------------------------------------------
 
-    async def image(self, ref: str) -> Image:
+    async def image(self, ref: str, progress: ProgressCallback | None = None) -> Image:
         """Resolve ``ref`` in the store; build it from the shipped recipe of that name on
         first use (like `docker run` pulls)."""
         image = self.store.find(ref)
@@ -107,8 +128,10 @@ class Supervisor:
             async with self._build_lock:
                 image = self.store.find(ref)
                 if image is None:
-                    image = await build.build(self, recipe, ref, progress=self.on_progress)
-        await trio.to_thread.run_sync(self.store.ensure_unpacked, image)
+                    image = await build.build(self, recipe, ref,
+                                              progress=progress or self.on_progress)
+        if not all(self.store.has_layer_dir(layer.diff_id) for layer in image.layers):
+            await trio.to_thread.run_sync(self.store.ensure_unpacked, image)
         return image
 
     # -- sandboxes ----------------------------------------------------------------------
@@ -122,31 +145,42 @@ class Supervisor:
             uid=profile.uid, gid=profile.gid, hostname=profile.hostname,
             mount_point=self._mount_point, writable_root=writable_root, upper_dir=upper_dir)
 
-    async def new_sandbox(self, shape: plan.SandboxShape) -> InitHandle:
-        """Clone an init that builds a sandbox of ``shape``, and wait until it is ready."""
+    async def new_sandbox(self, shape: plan.SandboxShape) -> Sandbox:
+        """Clone an init that builds a sandbox of ``shape``, wait until it is ready, and put
+        it in a fresh cgroup of its own (so that none of the set-up is charged to the job)."""
         idmap = self.idmap_for(shape.upper_dir)
         init = await self.spawner.spawn(plan.prepare(shape, idmap), plan.clone_flags(),
                                         idmap.spawner_args())
         try:
             await init.wait_ready()
+            cgroup = self.cgroups.create(f"{os.getpid()}-{next(self._ids):x}")
         except BaseException:
             await init.discard()
             raise
-        return init
+        sandbox = Sandbox(init, cgroup)
+        try:
+            cgroup.add(init.pid)
+        except BaseException:
+            await sandbox.destroy()
+            raise
+        return sandbox
 
     # -- jobs ---------------------------------------------------------------------------
 
     async def run(self, spec: JobSpec, on_output: job.OutputCallback | None = None, *,
-                  image: Image | None = None, writable_root: bool = False,
-                  upper_dir: str = "", workdir: str | None = None) -> Result:
+                  control: JobControl | None = None, owner: str = "",
+                  progress: ProgressCallback | None = None, image: Image | None = None,
+                  writable_root: bool = False, upper_dir: str = "",
+                  workdir: str | None = None) -> Result:
         """Run one job to completion. Bad input raises `SandboxError`; a sandbox that fails
-        comes back as a `Result` with status ``internal_error``. ``image`` (instead of
-        ``spec.image``), ``writable_root``, ``upper_dir`` and ``workdir`` serve builds."""
+        comes back as a `Result` with status ``internal_error``. ``control`` cancels the job
+        or streams its stdin; ``image`` (instead of ``spec.image``), ``writable_root``,
+        ``upper_dir`` and ``workdir`` serve image builds."""
         t0 = time.monotonic()
         profile = load_profile(spec.profile)
         limits = spec.limits.over(profile.limits)
         if image is None:
-            image = await self.image(spec.image)
+            image = await self.image(spec.image, progress)
         argv = list(spec.argv)
         if spec.entrypoint:
             if image.entrypoint:
@@ -168,38 +202,39 @@ class Supervisor:
                              rlimits=profile.rlimits, bpf=bpf)
         shape = self.shape(image, profile, limits, writable_root=writable_root,
                            upper_dir=upper_dir, workdir=workdir)
-        job_id = f"{os.getpid()}-{next(self._ids):x}"
-        async with self.admission:
-            self.running[job_id] = spec
-            try:
-                return await self._run_in_sandbox(job_id, shape, limits, launch, idmap, spec, t0,
-                                                   on_output)
-            finally:
-                del self.running[job_id]
+        control = control or JobControl()
+        info = JobInfo(id=f"{os.getpid()}-{next(self._ids):x}", image=image.ref,
+                       command=" ".join(argv)[:200], submitted=t0, owner=owner)
+        self.queued[info.id] = info
+        try:
+            async with self.admission:
+                del self.queued[info.id]
+                info.started = time.monotonic()
+                self.running[info.id] = info
+                if control.cancelled:
+                    return Result(status=Status.SIGNALED, signal=9, message="cancelled")
+                return await self._run_in_sandbox(shape, limits, launch, idmap, spec, t0,
+                                                   on_output, control)
+        finally:
+            self.queued.pop(info.id, None)
+            self.running.pop(info.id, None)
 
-    async def _run_in_sandbox(self, job_id: str, shape: plan.SandboxShape, limits: Limits,
+    async def _run_in_sandbox(self, shape: plan.SandboxShape, limits: Limits,
                               launch: plan.Launch, idmap: plan.IdMapping, spec: JobSpec,
-                              t0: float, on_output: job.OutputCallback | None) -> Result:
-        init: InitHandle | None = None
-        cgroup: cgroups.JobCgroup | None = None
+                              t0: float, on_output: job.OutputCallback | None,
+                              control: JobControl) -> Result:
+        sandbox: Sandbox | None = None
         try:
             try:
-                init = await self.pool.take(shape)
-                cgroup = self.cgroups.create(job_id)
-                cgroup.set_limits(memory=int(limits.memory or 0), pids=int(limits.pids or 1) + 1)
-                cgroup.add(init.pid)
+                sandbox = await self.pool.take(shape)
+                sandbox.cgroup.set_limits(memory=int(limits.memory or 0),
+                                          pids=int(limits.pids or 1) + 1)
             except SandboxError as e:
                 return Result(status=Status.INTERNAL_ERROR, message=str(e),
                               setup_time=time.monotonic() - t0)
-            return await job.run(init, cgroup, limits, plan.go(launch, idmap),
+            return await job.run(sandbox.init, sandbox.cgroup, limits, plan.go(launch, idmap),
                                  plan.launch_ops(launch, idmap), [f.data for f in spec.files],
-                                 spec.stdin, on_output, t0)
+                                 spec.stdin, on_output, t0, control)
         finally:
-            with trio.CancelScope(shield=True):
-                if init is not None:
-                    init.kill()
-                    await init.wait_dead()
-                    init.close()
-                if cgroup is not None:
-                    with contextlib.suppress(SandboxError):
-                        cgroup.remove()
+            if sandbox is not None:
+                await sandbox.destroy()

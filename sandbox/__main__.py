@@ -1,0 +1,5 @@
+"""``python -m sandbox`` is the ``sandbox`` command."""
+
+from .cli import main
+
+main()
