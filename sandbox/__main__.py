@@ -1,5 +1,5 @@
 """``python -m sandbox`` is the ``sandbox`` command."""
 
-from .cli import main
+from ._entry import main
 
 main()

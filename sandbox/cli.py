@@ -57,7 +57,7 @@ class _Progress:
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     if value is None:
         return None
-    from .spec import parse_size  # noqa: PLC0415
+    from .units import parse_size  # noqa: PLC0415
 
     try:
         return parse_size(value)
@@ -68,7 +68,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 def _seconds(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     if value is None:
         return None
-    from .spec import parse_seconds  # noqa: PLC0415
+    from .units import parse_seconds  # noqa: PLC0415
 
     try:
         return parse_seconds(value)
@@ -147,10 +147,9 @@ def exec_cmd(image: str, profile: str, time_: float | None, wall_time: float | N
             result = run_job(spec, on_output=stream, on_progress=progress)
     except SandboxError as e:
         if as_json:  # scripts still get their one object
-            click.echo(json.dumps({"status": "internal_error", "exit_code": None,
-                                   "signal": None, "cpu_time": 0.0, "wall_time": 0.0,
-                                   "memory": 0, "stdout": "", "stderr": "",
-                                   "message": str(e)}))
+            from .verdict import internal_error  # noqa: PLC0415
+
+            click.echo(json.dumps(internal_error(str(e))))
         fail(str(e))
     if as_json:
         click.echo(json.dumps(result.to_json()))

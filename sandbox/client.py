@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, runtime
 from .errors import DaemonError, SandboxError
 from .protocol import (
     PROTOCOL_VERSION,
@@ -62,12 +62,7 @@ ProgressSink = Callable[[str], None]
 def socket_path() -> Path:
     """The daemon's socket: ``$SANDBOX_SOCKET``, else ``$XDG_RUNTIME_DIR/sandbox/sandbox.sock``
     (``/tmp/sandbox-UID/sandbox.sock`` without XDG_RUNTIME_DIR)."""
-    if env := os.environ.get("SANDBOX_SOCKET"):
-        return Path(env)
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base):
-        return Path(base) / "sandbox" / "sandbox.sock"
-    return Path(f"/tmp/sandbox-{os.getuid()}") / "sandbox.sock"
+    return Path(runtime.socket_path())
 
 
 def _finished(event: JobFinished) -> Result:

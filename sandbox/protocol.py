@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -34,159 +33,134 @@ class RemoteProtocolError(ProtocolError):
 
 
 # ------------------------------------------------------------------------------ events
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """Base of every message. ``TYPE`` is its wire name; fields map to map keys."""
-
-    TYPE: ClassVar[str] = ""
+# Messages are NamedTuples (cheap to define: the CLI's start-up time matters); ``TYPE`` is a
+# message's wire name, its fields are the map's other keys.
 
 
 # client -> server
 
-@dataclass(frozen=True, slots=True)
-class Hello(Event):
-    TYPE: ClassVar[str] = "hello"
+class Hello(NamedTuple):
     version: int
     client: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class RunJob(Event):
+class RunJob(NamedTuple):
     """Run a job. ``spec`` is a `JobSpec` in dict form (validated by the server, so a bad
     spec is an error for this job only). With ``stdin_stream`` the job's stdin is a pipe fed
     by `StdinData` messages instead of ``spec["stdin"]``."""
 
-    TYPE: ClassVar[str] = "run"
     id: int
     spec: dict[str, Any]
     stream_output: bool = True
     stdin_stream: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class StdinData(Event):
-    TYPE: ClassVar[str] = "stdin"
+class StdinData(NamedTuple):
     id: int
     data: bytes = b""
     eof: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class CancelJob(Event):
-    TYPE: ClassVar[str] = "cancel"
+class CancelJob(NamedTuple):
     id: int
 
 
-@dataclass(frozen=True, slots=True)
-class ListJobs(Event):
-    TYPE: ClassVar[str] = "list"
+class ListJobs(NamedTuple):
     id: int
 
 
-@dataclass(frozen=True, slots=True)
-class Ping(Event):
-    TYPE: ClassVar[str] = "ping"
+class Ping(NamedTuple):
     id: int
 
 
-@dataclass(frozen=True, slots=True)
-class GetVersion(Event):
-    TYPE: ClassVar[str] = "version"
+class GetVersion(NamedTuple):
     id: int
 
 
 # server -> client
 
-@dataclass(frozen=True, slots=True)
-class Welcome(Event):
-    TYPE: ClassVar[str] = "welcome"
+class Welcome(NamedTuple):
     version: int
     server: str
-    limits: dict[str, int] = field(default_factory=dict)
+    limits: dict[str, int] = {}  # noqa: RUF012 - never mutated
 
 
-@dataclass(frozen=True, slots=True)
-class JobQueued(Event):
-    TYPE: ClassVar[str] = "queued"
+class JobQueued(NamedTuple):
     id: int
     position: int
 
 
-@dataclass(frozen=True, slots=True)
-class JobStarted(Event):
-    TYPE: ClassVar[str] = "started"
+class JobStarted(NamedTuple):
     id: int
 
 
-@dataclass(frozen=True, slots=True)
-class Output(Event):
-    TYPE: ClassVar[str] = "output"
+class Output(NamedTuple):
     id: int
     stream: str  # "stdout" | "stderr"
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Progress(Event):
+class Progress(NamedTuple):
     """A line of progress (an image being built or pulled for this job)."""
 
-    TYPE: ClassVar[str] = "progress"
     id: int
     line: str
 
 
-@dataclass(frozen=True, slots=True)
-class JobFinished(Event):
+class JobFinished(NamedTuple):
     """The final `Result` of a job, in dict form (``status``, ``exit_code``, ``signal``,
     ``cpu_time``, ``wall_time``, ``memory``, ``stdout``, ``stderr``, ``setup_time``...)."""
 
-    TYPE: ClassVar[str] = "result"
     id: int
     result: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorReply(Event):
+class ErrorReply(NamedTuple):
     """An error for request ``id`` (or for the connection, ``id`` None). ``fatal`` means the
     server closes the connection after sending it."""
 
-    TYPE: ClassVar[str] = "error"
     id: int | None
     message: str
     fatal: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class JobList(Event):
-    TYPE: ClassVar[str] = "jobs"
+class JobList(NamedTuple):
     id: int
     running: list[dict[str, Any]]
     queued: list[dict[str, Any]]
     limits: dict[str, int]
-    pool: dict[str, int] = field(default_factory=dict)
+    pool: dict[str, int] = {}  # noqa: RUF012 - never mutated
 
 
-@dataclass(frozen=True, slots=True)
-class Pong(Event):
-    TYPE: ClassVar[str] = "pong"
+class Pong(NamedTuple):
     id: int
 
 
-@dataclass(frozen=True, slots=True)
-class VersionInfo(Event):
-    TYPE: ClassVar[str] = "version_info"
+class VersionInfo(NamedTuple):
     id: int
     version: str
     protocol: int
 
 
-CLIENT_EVENTS: dict[str, type[Event]] = {c.TYPE: c for c in (
-    Hello, RunJob, StdinData, CancelJob, ListJobs, Ping, GetVersion)}
-SERVER_EVENTS: dict[str, type[Event]] = {c.TYPE: c for c in (
-    Welcome, JobQueued, JobStarted, Output, Progress, JobFinished, ErrorReply, JobList, Pong,
-    VersionInfo)}
+ClientEvent = Hello | RunJob | StdinData | CancelJob | ListJobs | Ping | GetVersion
+ServerEvent = (Welcome | JobQueued | JobStarted | Output | Progress | JobFinished | ErrorReply
+               | JobList | Pong | VersionInfo)
+Event = ClientEvent | ServerEvent
+
+CLIENT_EVENTS: dict[str, type[Any]] = {
+    "hello": Hello, "run": RunJob, "stdin": StdinData, "cancel": CancelJob, "list": ListJobs,
+    "ping": Ping, "version": GetVersion}
+SERVER_EVENTS: dict[str, type[Any]] = {
+    "welcome": Welcome, "queued": JobQueued, "started": JobStarted, "output": Output,
+    "progress": Progress, "result": JobFinished, "error": ErrorReply, "jobs": JobList,
+    "pong": Pong, "version_info": VersionInfo}
+_NAMES: dict[type[Any], str] = {cls: name for name, cls in (*CLIENT_EVENTS.items(),
+                                                            *SERVER_EVENTS.items())}
+
+
+def wire_name(event: Event) -> str:
+    """The message's ``t`` on the wire (``"run"`` for `RunJob`...)."""
+    return _NAMES[type(event)]
 
 # Expected wire types of each field, checked on decode (msgpack gives us plain values).
 _CHECKS: dict[str, Callable[[Any], bool]] = {
@@ -203,31 +177,38 @@ _KIND = {"int": "int", "str": "str", "bytes": "bytes", "bool": "bool",
          "int | None": "int|None"}
 
 
+# (field, wire type) of each message, from its annotations (strings, or ForwardRefs)
+_SCHEMA: dict[type[Any], tuple[tuple[str, str], ...]] = {
+    cls: tuple((name, _KIND[str(getattr(a, "__forward_arg__", a))])
+               for name, a in cls.__annotations__.items())
+    for cls in _NAMES}
+
+
+
 def _encode(event: Event) -> dict[str, Any]:
-    out: dict[str, Any] = {"t": event.TYPE}
-    for f in fields(event):
-        out[f.name] = getattr(event, f.name)
+    out: dict[str, Any] = event._asdict()
+    out["t"] = _NAMES[type(event)]
     return out
 
 
-def _decode(raw: Any, table: dict[str, type[Event]]) -> Event:
+def _decode(raw: Any, table: dict[str, type[Any]]) -> Event:
     if not isinstance(raw, dict):
         raise RemoteProtocolError("a message must be a map")
     kind = raw.get("t")
     cls = table.get(kind) if isinstance(kind, str) else None
-    if cls is None:
+    if cls is None or not isinstance(kind, str):
         raise RemoteProtocolError(f"unknown message type {str(raw.get('t'))[:40]!r}")
     kwargs: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name in raw:
-            value = raw[f.name]
-            kind = _KIND[str(f.type)]
-            if not _CHECKS[kind](value):
-                raise RemoteProtocolError(f"{cls.TYPE}: field {f.name!r} must be {kind}")
-            kwargs[f.name] = value
-        elif f.default is MISSING and f.default_factory is MISSING:
-            raise RemoteProtocolError(f"{cls.TYPE}: missing field {f.name!r}")
-    return cls(**kwargs)
+    for name, check in _SCHEMA[cls]:
+        if name in raw:
+            value = raw[name]
+            if not _CHECKS[check](value):
+                raise RemoteProtocolError(f"{kind}: field {name!r} must be {check}")
+            kwargs[name] = value
+        elif name not in cls._field_defaults:
+            raise RemoteProtocolError(f"{kind}: missing field {name!r}")
+    event: Event = cls(**kwargs)
+    return event
 
 
 # ------------------------------------------------------------------------------ framing
@@ -290,7 +271,8 @@ class Connection:
         if not self.handshake_received:
             if not isinstance(event, first):
                 self.broken = True
-                raise RemoteProtocolError(f"expected {first.TYPE} first, got {event.TYPE}")
+                raise RemoteProtocolError(f"expected {_NAMES[first]} first, got "
+                                          f"{wire_name(event)}")
             if event.version != PROTOCOL_VERSION:
                 self.broken = True
                 raise RemoteProtocolError(f"protocol version {event.version} is not supported "
@@ -298,14 +280,15 @@ class Connection:
             self.handshake_received = True
         elif isinstance(event, first):
             self.broken = True
-            raise RemoteProtocolError(f"a second {first.TYPE}")
+            raise RemoteProtocolError(f"a second {_NAMES[first]}")
 
     def send(self, event: Event) -> bytes:
-        if type(event).TYPE not in self._outgoing:
-            raise LocalProtocolError(f"a {self.role} cannot send {type(event).TYPE}")
+        name = _NAMES.get(type(event), "")
+        if self._outgoing.get(name) is not type(event):
+            raise LocalProtocolError(f"a {self.role} cannot send {type(event).__name__}")
         first = Welcome if self.role == "server" else Hello
         if not self.handshake_sent and not isinstance(event, first | ErrorReply):
-            raise LocalProtocolError(f"send {first.TYPE} first")
+            raise LocalProtocolError(f"send {_NAMES[first]} first")
         self.handshake_sent = True
         body = bytes(msgpack.packb(_encode(event), use_bin_type=True))
         if len(body) > self.max_message:

@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from . import __version__, config
+from . import __version__, config, runtime
 from .errors import DaemonError, SandboxError
 from .protocol import (
     PROTOCOL_VERSION,
@@ -50,6 +50,7 @@ from .protocol import (
     StdinData,
     VersionInfo,
     Welcome,
+    wire_name,
 )
 from .spec import JobSpec, Status
 from .supervisor.core import Supervisor
@@ -81,7 +82,8 @@ def _log(level: int, event: str, **fields: Any) -> None:
 
 
 def default_socket_path() -> Path:
-    return config.runtime_dir() / "sandbox.sock"
+    config.runtime_dir()  # created 0700 and checked to be ours
+    return Path(runtime.socket_path())
 
 
 @dataclass
@@ -206,7 +208,7 @@ class Session:
             case GetVersion(id=job_id):
                 await self.send(VersionInfo(job_id, __version__, PROTOCOL_VERSION))
             case _:
-                raise RemoteProtocolError(f"unexpected {event.TYPE}")
+                raise RemoteProtocolError(f"unexpected {wire_name(event)}")
 
     async def _run_job(self, req: RunJob, control: JobControl) -> None:
         sup = self.daemon.supervisor

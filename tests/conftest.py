@@ -89,10 +89,15 @@ def _ensure_image(runner: Runner, name: str) -> None:
     runner.run(["image", "build", name], timeout=900, check=True)
 
 
+# Runners use the embedded supervisor unless a test points them at a daemon it started: a
+# daemon the developer left running (perhaps older code) must not answer for the tests.
+NO_DAEMON = {"SANDBOX_SOCKET": "/nonexistent/sandbox-tests.sock"}
+
+
 @pytest.fixture(scope="session")
 def root_runner() -> Runner:
     """The CLI as the user running the tests (root in CI), with its default image store."""
-    runner = Runner(None, Path.home())
+    runner = Runner(None, Path.home(), env=dict(NO_DAEMON))
     _ensure_image(runner, "busybox")
     return runner
 
@@ -125,7 +130,8 @@ def user_runner() -> Runner:
                    capture_output=True)
     home = Path(pw.pw_dir)
     env = {"HOME": str(home), "USER": TEST_USER, "LOGNAME": TEST_USER,
-           "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8"}
+           "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8",
+           **NO_DAEMON}
     if store := os.environ.get("SANDBOX_TEST_USER_HOME"):  # a store of its own per checkout
         env["SANDBOX_HOME"] = store
     runner = Runner(TEST_USER, home, env=env)

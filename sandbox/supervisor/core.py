@@ -237,4 +237,7 @@ class Supervisor:
                                  spec.stdin, on_output, t0, control)
         finally:
             if sandbox is not None:
-                await sandbox.destroy()
+                if self.pool.background is not None:  # the daemon: answer first
+                    self.pool.background.start_soon(sandbox.destroy)
+                else:
+                    await sandbox.destroy()

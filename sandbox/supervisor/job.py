@@ -193,8 +193,12 @@ async def run(init: InitHandle, cgroup: JobCgroup, limits: Limits, go_ops: list[
                     if event is not None and event.get("event") == "exited":
                         exited = event
                         ended_at = float(event.get("time", time.monotonic()))
-                    await init.wait_dead()
+                    else:  # init was killed (a limit, a cancel, the OOM killer)
+                        await init.wait_dead()
                     watching.cancel_scope.cancel()
+                # init exits right after "exited", so the kernel kills any process the job
+                # left behind and the output pipes reach EOF; the caller destroys the
+                # sandbox (namespace teardown takes a while) after the result is out.
                 if not ended_at:
                     ended_at = time.monotonic() - local_start + started_at
             else:

@@ -64,9 +64,14 @@ class Pool:
         self.served_cold = 0
 
     def attach(self, nursery: trio.Nursery) -> None:
-        """Give the pool a nursery for background refills (the daemon does; the embedded
-        CLI does not, and then the pool only prepares on demand)."""
+        """Give the pool a nursery for background work: refills, and destroying used
+        sandboxes after their result is out (the daemon does; the embedded CLI does not,
+        and then sandboxes are prepared on demand and destroyed inline)."""
         self._nursery = nursery
+
+    @property
+    def background(self) -> trio.Nursery | None:
+        return self._nursery
 
     async def take(self, shape: SandboxShape) -> Sandbox:
         idle = self.idle.get(shape)

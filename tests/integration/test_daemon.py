@@ -82,13 +82,29 @@ def spec(*argv: str, **kw: object) -> JobSpec:
     return JobSpec(image="busybox", argv=argv, **kw)  # type: ignore[arg-type]
 
 
-def test_cli_uses_the_daemon(daemon: Daemon) -> None:
-    proc = subprocess.run([SANDBOX, "exec", "--json", "--image", "busybox", "sh", "-c",
-                           "echo $((6*7))"], capture_output=True, check=False,
-                          env={**os.environ, "SANDBOX_SOCKET": str(daemon.path)})
+def test_cli_uses_the_daemon(daemon: Daemon, shared_tmp: Path) -> None:
+    """The fast path of `sandbox exec` behaves like the full CLI."""
+    def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([SANDBOX, "exec", *args], capture_output=True, check=False,
+                              input=stdin, env={**os.environ, "SANDBOX_SOCKET": str(daemon.path)})
+
+    proc = cli("--json", "--image", "busybox", "sh", "-c", "echo $((6*7))")
     result = json.loads(proc.stdout)
-    assert (result["status"], result["stdout"]) == ("ok", "42\n")
+    assert (result["status"], result["stdout"], proc.returncode) == ("ok", "42\n", 0)
     assert "job_done" in daemon.log.read_text()  # it really went through the daemon
+    proc = cli("--image", "busybox", "sh", "-c", "echo out; echo err >&2; kill -TERM $$")
+    assert (proc.stdout, proc.returncode) == (b"out\n", 128 + 15)
+    assert proc.stderr.startswith(b"err\nsandbox: killed by signal 15")
+    script = shared_tmp / "prog"
+    script.write_text("#!/bin/sh\necho args: \"$@\"; cat\n")
+    script.chmod(0o755)
+    proc = cli("--image", "busybox", "--stdin", "-", str(script), "a", "b", stdin=b"in\n")
+    assert (proc.stdout, proc.returncode) == (b"args: a b\nin\n", 0)
+    for bad in (["--image", "no-such-image", "true"], ["--memory", "lots", "true"],
+                ["--image", "busybox", "--profile", "nope", "true"]):
+        proc = cli(*bad)
+        assert proc.returncode == 125, bad
+        assert len(proc.stderr.splitlines()) == 1 and b"Traceback" not in proc.stderr
 
 
 def test_client_run_with_limits(daemon: Daemon) -> None:

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sandbox.errors import SpecError
-from sandbox.spec import File, JobSpec, Limits, Result, Status, parse_env, parse_seconds, parse_size
+from sandbox.spec import File, JobSpec, Limits, Result, Status, parse_env
+from sandbox.units import parse_seconds, parse_size
 
 
 @pytest.mark.parametrize(("text", "expected"), [
