@@ -299,8 +299,7 @@ class Daemon:
         path = self.config.socket_path
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            lock_fd = os.open(path.parent / "daemon.lock",
-                              os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise DaemonError(f"cannot use {path.parent} for the socket: {e.strerror}") from None
         try:

@@ -60,6 +60,10 @@ class V1Cgroup:
         for d in self.dirs.values():
             _write(d / "cgroup.procs", str(pid))
 
+    def procs_files(self) -> list[str]:
+        """One ``cgroup.procs`` per controller: a process joins by writing 0 to each."""
+        return [str(d / "cgroup.procs") for d in self.dirs.values()]
+
     def cpu_time(self) -> float:
         return _read_int(self.dirs["cpuacct"] / "cpuacct.usage") / 1e9
 

@@ -60,6 +60,9 @@ class V2Cgroup:
     def add(self, pid: int) -> None:
         _write(self.path / "cgroup.procs", str(pid))
 
+    def procs_files(self) -> list[str]:
+        return [str(self.path / "cgroup.procs")]
+
     def cpu_time(self) -> float:
         return _keyed(self.path / "cpu.stat").get("usage_usec", 0) / 1e6
 

@@ -22,6 +22,7 @@ from .ops import (
     Chdir,
     ClearCapabilities,
     DropBoundingSet,
+    JoinCgroup,
     LoopbackUp,
     MakeDir,
     MakeRootPrivate,
@@ -66,6 +67,9 @@ def apply(op: Op, ctx: Context) -> int | None:
     """Carry out ``op``; `Spawn` returns the job's pid."""
     fds = ctx.fds
     match op:
+        case JoinCgroup(fd_indexes):
+            for index in fd_indexes:
+                os.write(fds[index], b"0")
         case SetIdMap(uid_in, uid_out, gid_in, gid_out):
             linux.write_file("/proc/self/setgroups", "deny")
             linux.write_file("/proc/self/uid_map", f"{uid_in} {uid_out} 1\n")

@@ -56,20 +56,21 @@ def _orphaned(lifeline: int) -> bool:
 
 
 def run(sock: socket.socket, prepare: list[Op], lifeline: tuple[int, int],
-        idmap_fd: int) -> NoReturn:
+        idmap_fd: int, fds: list[int]) -> NoReturn:
     """Entry point in the cloned child. Never returns. ``lifeline`` is a pipe whose write
     end only the spawner keeps open."""
     code = 1
     try:
         os.close(lifeline[1])
-        code = _run(sock, prepare, lifeline[0], idmap_fd)
+        code = _run(sock, prepare, lifeline[0], idmap_fd, fds)
     except BaseException as exc:  # noqa: BLE001 - report anything, then die
         with contextlib.suppress(OSError):
             wire.send(sock, _failure("init", -1, None, exc))
     os._exit(code)
 
 
-def _run(sock: socket.socket, prepare: list[Op], lifeline: int, idmap_fd: int) -> int:
+def _run(sock: socket.socket, prepare: list[Op], lifeline: int, idmap_fd: int,
+         passed: list[int]) -> int:
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     for sig in signal.valid_signals():  # the spawner ignores SIGCHLD and SIGINT
         if sig not in (signal.SIGKILL, signal.SIGSTOP):
@@ -81,20 +82,20 @@ def _run(sock: socket.socket, prepare: list[Op], lifeline: int, idmap_fd: int) -
     for target in (0, 1, 2):
         os.dup2(devnull, target)
     os.close(devnull)
-    _close_all_except({sock.fileno(), idmap_fd, lifeline})
+    _close_all_except({sock.fileno(), idmap_fd, lifeline, *passed})
 
-    ctx = Context(idmap_fd=idmap_fd)
+    ctx = Context(fds=passed, idmap_fd=idmap_fd)
     for i, op in enumerate(prepare):
         try:
             apply(op, ctx)
         except BaseException as exc:  # noqa: BLE001
             wire.send(sock, _failure("prepare", i, op, exc))
             return 1
-    if idmap_fd >= 0:
-        os.close(idmap_fd)
+    for fd in (idmap_fd, *passed):
+        if fd >= 0:
+            os.close(fd)
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
     wire.send(sock, {"event": "ready", "time": time.monotonic()})
-    ready_cpu = time.thread_time()
 
     msg, fds = wire.recv(sock)
     if msg is None:  # the supervisor let this sandbox go unused
@@ -118,10 +119,9 @@ def _run(sock: socket.socket, prepare: list[Op], lifeline: int, idmap_fd: int) -
     if pid is None:
         wire.send(sock, _failure("launch", -1, None, OSError(errno.EINVAL, "nothing spawned")))
         return 1
-    # The supervisor moved us into the job's cgroup after `ready`: what we used since then
-    # is ours, not the job's, and is subtracted from the cgroup's CPU time.
-    wire.send(sock, {"event": "started", "time": started,
-                     "init_cpu": time.thread_time() - ready_cpu})
+    # We joined the job's cgroup first thing: the CPU we used is ours, not the job's, and
+    # is subtracted from the cgroup's CPU time.
+    wire.send(sock, {"event": "started", "time": started, "init_cpu": time.thread_time()})
 
     while True:
         try:

@@ -30,6 +30,14 @@ class SetIdMap:
 
 
 @dataclass(frozen=True, slots=True)
+class JoinCgroup:
+    """Write ``0`` to the ``cgroup.procs`` files received with the spawn request (``fds``
+    indexes): init moves itself into the job's cgroup before anything else."""
+
+    fd_indexes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class AwaitIdMap:
     """Wait until the spawner has written a subuid/subgid range with newuidmap/newgidmap."""
 
@@ -193,23 +201,25 @@ class Spawn:
     stdio: tuple[int, int, int] = (0, 1, 2)
 
 
-Op = (SetIdMap | AwaitIdMap | MakeRootPrivate | MountTmpfs | MakeDir | MountOverlay | BindMount
-      | MountProc | MountDevpts | Symlink | PivotRoot | Remount | SetHostname | LoopbackUp
-      | WriteFile | UnshareCgroupNamespace | Chdir | SetRlimits | SetIds | DropBoundingSet
+Op = (JoinCgroup | SetIdMap | AwaitIdMap | MakeRootPrivate | MountTmpfs | MakeDir | MountOverlay
+      | BindMount | MountProc | MountDevpts | Symlink | PivotRoot | Remount | SetHostname
+      | LoopbackUp | WriteFile | UnshareCgroupNamespace | Chdir | SetRlimits | SetIds | DropBoundingSet
       | ClearCapabilities | NoNewPrivs | Seccomp | Spawn)
 
 _TYPES: dict[str, type[Any]] = {
     cls.__name__: cls for cls in (
-        SetIdMap, AwaitIdMap, MakeRootPrivate, MountTmpfs, MakeDir, MountOverlay, BindMount,
-        MountProc, MountDevpts, Symlink, PivotRoot, Remount, SetHostname, LoopbackUp,
+        JoinCgroup, SetIdMap, AwaitIdMap, MakeRootPrivate, MountTmpfs, MakeDir, MountOverlay,
+        BindMount, MountProc, MountDevpts, Symlink, PivotRoot, Remount, SetHostname, LoopbackUp,
         WriteFile, UnshareCgroupNamespace, Chdir, SetRlimits, SetIds, DropBoundingSet,
         ClearCapabilities, NoNewPrivs, Seccomp, Spawn)
 }
 
 
 def encode(ops: list[Op]) -> list[dict[str, Any]]:
-    """Ops -> JSON-able dicts (``{"op": "MountProc", "target": ...}``)."""
-    return [{"op": type(op).__name__, **dataclasses.asdict(op)} for op in ops]
+    """Ops -> JSON-able dicts (``{"op": "MountProc", "target": ...}``). Shallow: op fields
+    are plain values (dataclasses.asdict's deep copy cost milliseconds per job)."""
+    return [{"op": type(op).__name__, **{name: getattr(op, name) for name in op.__slots__}}
+            for op in ops]
 
 
 def decode(items: list[dict[str, Any]]) -> list[Op]:
@@ -221,7 +231,8 @@ def decode(items: list[dict[str, Any]]) -> list[Op]:
         if cls is None:
             raise ValueError(f"unknown set-up operation {item.get('op')!r}")
         for f in dataclasses.fields(cls):
-            if isinstance(data.get(f.name), list) and f.name in ("lower", "argv", "stdio"):
+            if isinstance(data.get(f.name), list) and f.name in ("lower", "argv", "stdio",
+                                                                  "fd_indexes"):
                 data[f.name] = tuple(data[f.name])
         ops.append(cls(**data))
     return ops
@@ -229,6 +240,6 @@ def decode(items: list[dict[str, Any]]) -> list[Op]:
 
 def describe(op: Op) -> str:
     """One line naming an op, for error messages and ``--dry-run`` plans."""
-    fields = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(op).items()
+    fields = ", ".join(f"{k}={getattr(op, k)!r}" for k in op.__slots__
                        if k not in ("bpf_hex", "env"))
     return f"{type(op).__name__}({fields})"

@@ -72,16 +72,17 @@ class SandboxShape:
     upper_dir: str = ""        # for builds: keep the overlay upper in this host dir
 
 
-def prepare(shape: SandboxShape, idmap: IdMapping) -> list[o.Op]:
+def prepare(shape: SandboxShape, idmap: IdMapping, cgroup_fds: int = 0) -> list[o.Op]:
     """The ops init runs right after clone (pid 1 in fresh user, mount, pid, net, ipc, uts
-    namespaces): build the root, then wait for a job."""
+    namespaces): join the job's cgroup (``cgroup_fds`` cgroup.procs files came with the
+    spawn request), build the root, then wait for a job."""
     m = shape.mount_point
     root = f"{m}/root"
     upper, ovl_work = (f"{m}/upper", f"{m}/ovlwork")
     if shape.upper_dir:
         upper, ovl_work = f"{shape.upper_dir}/upper", f"{shape.upper_dir}/work"
     uid, gid = shape.uid, shape.gid
-    steps: list[o.Op] = []
+    steps: list[o.Op] = [o.JoinCgroup(tuple(range(cgroup_fds)))] if cgroup_fds else []
     if idmap.mode == "single":
         steps.append(o.SetIdMap(uid, idmap.outside_uid, gid, idmap.outside_gid))
     else:

@@ -19,7 +19,7 @@ import trio
 from .. import cgroups, config, seccomp
 from ..errors import SandboxError, SpecError
 from ..images.store import Image, Store
-from ..jail import plan
+from ..jail import ops, plan
 from ..profiles import Profile, load_profile
 from ..spec import JobSpec, Limits, Result, Status
 from . import job
@@ -65,6 +65,7 @@ class Supervisor:
         self._idmap: plan.IdMapping | None = None
         self._mount_point = ""
         self._build_lock = trio.Lock()
+        self._plans: dict[tuple[plan.SandboxShape, plan.IdMapping], list[dict[str, Any]]] = {}
         self.queued: dict[str, JobInfo] = {}
         self.running: dict[str, JobInfo] = {}
 
@@ -146,20 +147,32 @@ class Supervisor:
             mount_point=self._mount_point, writable_root=writable_root, upper_dir=upper_dir)
 
     async def new_sandbox(self, shape: plan.SandboxShape) -> Sandbox:
-        """Clone an init that builds a sandbox of ``shape``, wait until it is ready, and put
-        it in a fresh cgroup of its own (so that none of the set-up is charged to the job)."""
+        """Make a fresh cgroup, clone an init into new namespaces that joins it and builds a
+        sandbox of ``shape``, and wait until it is ready. (init joins the cgroup itself: a
+        cgroup v1 migration waits for an RCU grace period, which must not stall us.)"""
         idmap = self.idmap_for(shape.upper_dir)
-        init = await self.spawner.spawn(plan.prepare(shape, idmap), plan.clone_flags(),
-                                        idmap.spawner_args())
+        cgroup = self.cgroups.create(f"{os.getpid()}-{next(self._ids):x}")
         try:
-            await init.wait_ready()
-            cgroup = self.cgroups.create(f"{os.getpid()}-{next(self._ids):x}")
+            procs = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_files()]
+        except OSError as e:
+            cgroup.remove()
+            raise SandboxError(f"cannot open the job's cgroup: {e.strerror}") from None
+        key = (shape, idmap)
+        encoded = self._plans.get(key)
+        if encoded is None:
+            encoded = self._plans[key] = ops.encode(plan.prepare(shape, idmap, len(procs)))
+        try:
+            init = await self.spawner.spawn(encoded, plan.clone_flags(), idmap.spawner_args(),
+                                            procs)
         except BaseException:
-            await init.discard()
+            cgroup.remove()
             raise
+        finally:
+            for fd in procs:
+                os.close(fd)
         sandbox = Sandbox(init, cgroup)
         try:
-            cgroup.add(init.pid)
+            await init.wait_ready()
         except BaseException:
             await sandbox.destroy()
             raise
