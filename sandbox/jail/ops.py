@@ -203,8 +203,8 @@ class Spawn:
 
 Op = (JoinCgroup | SetIdMap | AwaitIdMap | MakeRootPrivate | MountTmpfs | MakeDir | MountOverlay
       | BindMount | MountProc | MountDevpts | Symlink | PivotRoot | Remount | SetHostname
-      | LoopbackUp | WriteFile | UnshareCgroupNamespace | Chdir | SetRlimits | SetIds | DropBoundingSet
-      | ClearCapabilities | NoNewPrivs | Seccomp | Spawn)
+      | LoopbackUp | WriteFile | UnshareCgroupNamespace | Chdir | SetRlimits | SetIds
+      | DropBoundingSet | ClearCapabilities | NoNewPrivs | Seccomp | Spawn)
 
 _TYPES: dict[str, type[Any]] = {
     cls.__name__: cls for cls in (
