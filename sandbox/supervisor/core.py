@@ -7,6 +7,7 @@ control. The daemon serves it over a socket; the CLI embeds it when no daemon ru
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import time
@@ -16,7 +17,7 @@ from types import TracebackType
 import trio
 
 from .. import cgroups, config, seccomp
-from ..errors import SandboxError, SpecError
+from ..errors import ImageError, SandboxError, SpecError
 from ..images.store import Image, Store
 from ..jail import plan
 from ..profiles import Profile, load_profile
@@ -95,21 +96,40 @@ class Supervisor:
     # -- images -------------------------------------------------------------------------
 
     async def image(self, ref: str) -> Image:
-        """Resolve ``ref`` in the store; build it from the shipped recipe of that name on
-        first use (like `docker run` pulls)."""
+        """Resolve ``ref`` in the store; on first use, build it from the shipped recipe of
+        that name, or else pull it from its registry (like `docker run`)."""
         image = self.store.find(ref)
         if image is None:
             from ..images import build  # noqa: PLC0415
 
             recipe = build.shipped_recipe(ref)
-            if recipe is None:
-                raise SpecError(f"image {ref!r} not found (see `sandbox images`)")
             async with self._build_lock:
                 image = self.store.find(ref)
-                if image is None:
+                if image is None and recipe is not None:
                     image = await build.build(self, recipe, ref, progress=self.on_progress)
+                elif image is None:
+                    image = await self._pull(ref)
         await trio.to_thread.run_sync(self.store.ensure_unpacked, image)
         return image
+
+    async def _pull(self, ref: str) -> Image:
+        from ..images import pull, reference  # noqa: PLC0415
+        from ..images.registry import LineProgress  # noqa: PLC0415
+
+        try:
+            full = reference.parse(ref)
+        except ImageError:
+            raise SpecError(f"image {ref!r} not found (see `sandbox images`)") from None
+        progress = LineProgress(self.on_progress) if self.on_progress else None
+        if self.on_progress:
+            self.on_progress(f"Pulling {full}")
+        try:
+            result = await trio.to_thread.run_sync(
+                functools.partial(pull.pull, ref, store=self.store, progress=progress))
+        except ImageError as e:
+            raise ImageError(f"image {ref!r} is not in the store and pulling it failed: "
+                             f"{e}") from None
+        return result.image
 
     # -- sandboxes ----------------------------------------------------------------------
 
