@@ -425,6 +425,7 @@ class Client:
             data = _read_bounded(resp, MAX_MANIFEST, what=f"{what}: manifest")
             content_type = resp.headers.get("content-type", "").split(";")[0].strip()
             header_digest = resp.headers.get("docker-content-digest", "")
+        media_type = manifest_media_type(data, content_type, what)  # refuses schema 1
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if reference.startswith("sha256:") and digest != reference:
             raise RegistryError(f"{what}: the manifest does not match its digest {reference} "
@@ -432,7 +433,7 @@ class Client:
         if header_digest.startswith("sha256:") and header_digest != digest:
             raise RegistryError(f"{what}: the manifest does not match the digest the registry "
                                 f"announced ({header_digest}, got {digest}): refused")
-        return Manifest(data, manifest_media_type(data, content_type, what), digest)
+        return Manifest(data, media_type, digest)
 
     def put_manifest(self, repository: str, reference: str, manifest: Manifest, *,
                      what: str) -> str:

@@ -46,16 +46,16 @@ def _b64url(data: bytes) -> str:
 
 def make_cert(directory: Path, name: str = "cert") -> tuple[Path, Path, Any]:
     """A self-signed certificate for 127.0.0.1 (RSA 2048): (cert.pem, key.pem, key)."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import NameOID
 
-    import ipaddress
-
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -132,7 +132,7 @@ class _TokenHandler(BaseHTTPRequestHandler):
             return
         token = server.sign(user or "", access)
         body = json.dumps({"token": token, "access_token": token, "expires_in": 300,
-                           "issued_at": datetime.datetime.now(datetime.timezone.utc)
+                           "issued_at": datetime.datetime.now(datetime.UTC)
                            .isoformat()}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -217,7 +217,7 @@ def start_registry(*, htpasswd: dict[str, str] | None = None,
     directory = Path(tempfile.mkdtemp(prefix="sandbox-registry-"))
     port = free_port()
     lines = ["version: 0.1", "log:", "  level: error", "  accesslog:", "    disabled: true",
-             "storage:", f"  filesystem:", f"    rootdirectory: {directory / 'data'}",
+             "storage:", "  filesystem:", f"    rootdirectory: {directory / 'data'}",
              "  delete:", "    enabled: true", "http:", f"  addr: 127.0.0.1:{port}",
              "  secret: sandbox-tests"]
     if tls:
@@ -236,6 +236,9 @@ def start_registry(*, htpasswd: dict[str, str] | None = None,
         lines += ["auth:", "  token:", f"    realm: {token.realm}",
                   f"    service: {token.service}", f"    issuer: {token.issuer}",
                   f"    rootcertbundle: {token.cert_path}"]
+    # schema 1 is what the registry converts to for clients that do not ask for schema 2:
+    # enabled so that our refusal of it can be tested
+    lines += ["compatibility:", "  schema1:", "    enabled: true"]
     config = directory / "config.yml"
     config.write_text("\n".join(lines) + "\n")
     proc = subprocess.Popen([REGISTRY_BIN, "serve", str(config)], stdout=subprocess.DEVNULL,
@@ -293,25 +296,30 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             out += self.rfile.read(size)
             self.rfile.readline()
 
-    def upstream(self, body: bytes) -> http.client.HTTPResponse:
+    def upstream(self, body: bytes) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        """The upstream's answer to this request: status, reason, headers, body."""
         proxy: FaultProxy = self.server.owner  # type: ignore[attr-defined]
         conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=30)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
-        headers["Content-Length"] = str(len(body))
-        conn.request(self.command, self.path, body=body, headers=headers)
-        return conn.getresponse()
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+            headers["Content-Length"] = str(len(body))
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.reason, resp.getheaders(), resp.read()
+        finally:
+            conn.close()
 
     def forward(self, body: bytes, *, transform: Callable[[bytes], bytes] | None = None,
-                cut_at: int | None = None) -> None:
+                cut_at: int | None = None,
+                headers: Callable[[str, str], str] | None = None) -> None:
         """Send the request upstream and relay the answer (optionally altered)."""
-        resp = self.upstream(body)
-        data = resp.read()
+        status, reason, upstream_headers, data = self.upstream(body)
         if transform is not None:
             data = transform(data)
-        self.send_response(resp.status, resp.reason)
-        for key, value in resp.getheaders():
+        self.send_response(status, reason)
+        for key, value in upstream_headers:
             if key.lower() not in HOP_HEADERS and key.lower() != "content-length":
-                self.send_header(key, value)
+                self.send_header(key, headers(key, value) if headers else value)
         self.send_header("Content-Length", str(len(data)))
         if cut_at is not None:
             self.send_header("Connection", "close")
@@ -363,9 +371,7 @@ def drop_blob_once(digest: str | None = None, fraction: float = 0.5) -> Fault:
         if state["done"] or not is_blob_get(method, path, digest) or handler.headers.get("Range"):
             return False
         state["done"] = True
-        resp = handler.upstream(b"")
-        size = int(resp.getheader("Content-Length") or 0)
-        resp.close()
+        size = len(handler.upstream(b"")[3])
         handler.forward(b"", cut_at=max(1, int(size * fraction)))
         return True
 
