@@ -279,6 +279,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             body = self._read_chunked()
+        self.body = body
         proxy.log.append({"method": self.command, "path": self.path,
                           "range": self.headers.get("Range"), "size": len(body)})
         for fault in list(proxy.faults):
