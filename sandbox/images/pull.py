@@ -275,6 +275,7 @@ class _Transfer:
     def fetch_config(self, digest: str, size: int) -> bytes:
         if not self.store.has_blob(digest):
             self.download(digest, size)
+            self.progress.finish(digest, "Config downloaded")
         else:
             self._count(False)
         data = self.store.read_blob(digest)

@@ -107,7 +107,13 @@ def parallel(fn: Callable[..., None], jobs: list[tuple[Any, ...]], workers: int,
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs))),
                             thread_name_prefix=name) as pool:
         futures = [pool.submit(fn, *job) for job in jobs]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:  # Ctrl-C: stop the transfers before the pool waits for them
+            abort.set()
+            for f in futures:
+                f.cancel()
+            raise
         if any(f.exception() is not None for f in done):
             abort.set()
             for f in futures:
