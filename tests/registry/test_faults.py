@@ -105,3 +105,27 @@ def test_disk_full_is_one_line_and_leaves_no_image(cli: Cli, foreign: str) -> No
     assert len(err) == 1 and "disk full" in err[0], proc.stderr
     assert "rc=125" in proc.stdout
     assert proc.stdout.strip().endswith("[]")  # no image; tmp/ listed empty
+
+
+def test_forbidden_is_one_line_and_not_retried(cli: Cli, foreign: str,
+                                               proxy: FaultProxy) -> None:
+    proxy.faults.append(fail_times(100, 403, match="/manifests/"))
+    err = cli.fails("pull", f"{proxy.host}/foreign/bb:gzip")
+    assert "access denied" in err
+    assert len([e for e in proxy.log if "/manifests/" in e["path"]]) == 1
+
+
+def test_blob_longer_than_declared_is_cut_off(cli: Cli, foreign: str,
+                                              proxy: FaultProxy) -> None:
+    digest, size = _layer(cli, proxy)
+
+    def longer(handler, method: str, path: str) -> bool:  # type: ignore[no-untyped-def]
+        if method != "GET" or not path.endswith(digest):
+            return False
+        handler.forward(b"", transform=lambda d: d + b"\0" * 4096)
+        return True
+
+    proxy.faults.append(longer)
+    err = cli.fails("pull", f"{proxy.host}/foreign/bb:gzip")
+    assert f"more than the {size} bytes" in err
+    _assert_store_clean(cli)
