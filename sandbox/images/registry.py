@@ -24,6 +24,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -191,7 +192,8 @@ class Client:
             verify = ssl.create_default_context(cafile=endpoint.ca_file)
         timeout = httpx.Timeout(cfg.timeout, connect=min(cfg.timeout, 10.0))
         self.http = httpx.Client(verify=verify, timeout=timeout, follow_redirects=True,
-                                 trust_env=False, headers={"User-Agent": USER_AGENT})
+                                 trust_env=False, proxy=env_proxy(endpoint.host),
+                                 headers={"User-Agent": USER_AGENT})
 
     def __enter__(self) -> Client:
         return self
@@ -556,6 +558,18 @@ class Client:
         announced = resp.headers.get("docker-content-digest", "")
         if announced and announced != digest:
             raise RegistryError(f"{what}: the registry stored {announced}, not {digest}")
+
+
+def env_proxy(host: str) -> str | None:
+    """The proxy from ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` for ``host``, unless
+    ``NO_PROXY`` excludes it or it is on loopback."""
+    if is_loopback(host):
+        return None
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if urllib.request.proxy_bypass(name):
+        return None
+    proxies = urllib.request.getproxies_environment()
+    return proxies.get("https") or proxies.get("http") or proxies.get("all")
 
 
 def _same_origin(url: str, base: str) -> bool:

@@ -184,3 +184,17 @@ def test_local_names_win_over_registry_names(tmp_path: Path) -> None:
     assert store.remove("tool") == "tool:latest"
     assert store.remove("tool") == "docker.io/library/tool:latest"
     assert store.find("tool") is None
+
+
+def test_proxy_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.images.registry import env_proxy
+
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY",
+                 "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert env_proxy("ghcr.io") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "quay.io")
+    assert env_proxy("ghcr.io") == "http://proxy.example:3128"
+    assert env_proxy("quay.io") is None
+    assert env_proxy("127.0.0.1:5000") is None
