@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import click
 
+from . import cli_registry
 from .errors import SandboxError, SpecError
 
 EXIT_SANDBOX = 125
@@ -409,6 +410,10 @@ def system_setup(user: str) -> None:
 
     for line in setup_user(user):
         click.echo(line)
+
+
+for _command in cli_registry.COMMANDS:  # pull, push, login, logout
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -91,7 +91,10 @@ def _ensure_image(runner: Runner, name: str) -> None:
 
 # Runners use the embedded supervisor unless a test points them at a daemon it started: a
 # daemon the developer left running (perhaps older code) must not answer for the tests.
-NO_DAEMON = {"SANDBOX_SOCKET": "/nonexistent/sandbox-tests.sock"}
+# Nothing is pulled from a real registry (tests reach only loopback); the registry tests
+# turn pulls back on for their loopback registries.
+NO_DAEMON = {"SANDBOX_SOCKET": "/nonexistent/sandbox-tests.sock", "SANDBOX_PULL": "never"}
+os.environ["SANDBOX_PULL"] = "never"
 
 
 @pytest.fixture(scope="session")
@@ -247,12 +250,14 @@ def _children() -> list[str]:
 
 @pytest.fixture
 def no_leaks() -> Iterator[None]:
-    """Fail the test if it left a cgroup, a mount or a process behind."""
+    """Fail the test if it left a cgroup, a mount or a process behind (processes that were
+    already our children, such as session-wide registries, do not count)."""
+    before = set(_children())
     yield
     import time
 
     for _ in range(50):  # cleanup of the last job may still be finishing
-        leaked = (_stale_cgroups(), _sandbox_mounts(), _children())
+        leaked = (_stale_cgroups(), _sandbox_mounts(), sorted(set(_children()) - before))
         if not any(leaked):
             return
         time.sleep(0.1)

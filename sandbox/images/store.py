@@ -33,6 +33,7 @@ from typing import IO, Any
 from .. import config
 from ..errors import ImageError
 from . import layers
+from .reference import lookup_names
 
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -41,7 +42,7 @@ MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 MT_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
-_REF_RE = re.compile(r"^[a-z0-9][a-z0-9._/:@+-]*$")
+_REF_RE = re.compile(r"^[a-zA-Z0-9\[][a-zA-Z0-9._/:@+\[\]-]*$")
 
 
 def normalize_ref(ref: str) -> str:
@@ -294,13 +295,14 @@ class Store:
         self.set_ref(ref, man_digest, len(man_bytes))
         return self.resolve(ref)
 
-    def set_ref(self, ref: str, manifest_digest: str, size: int) -> None:
+    def set_ref(self, ref: str, manifest_digest: str, size: int, *,
+                media_type: str = MT_MANIFEST) -> None:
         ref = normalize_ref(ref)
         with self.lock():
             index = self._read_index()
             entries = [m for m in index["manifests"]
                        if (m.get("annotations") or {}).get(REF_ANNOTATION) != ref]
-            entries.append({"mediaType": MT_MANIFEST, "digest": manifest_digest, "size": size,
+            entries.append({"mediaType": media_type, "digest": manifest_digest, "size": size,
                             "annotations": {REF_ANNOTATION: ref}})
             index["manifests"] = entries
             self._write_index(index)
@@ -315,10 +317,13 @@ class Store:
         return out
 
     def find(self, ref: str) -> Image | None:
-        wanted = normalize_ref(ref)
-        for name, digest in self.refs():
-            if name == wanted:
-                return self._load(name, digest)
+        """The image named ``ref`` (a local name first, then its full registry form: see
+        `reference.lookup_names`), or an image id prefix."""
+        refs = self.refs()
+        for wanted in _candidates(ref):
+            for name, digest in refs:
+                if name == wanted:
+                    return self._load(name, digest)
         if re.match(r"^(sha256:)?[0-9a-f]{6,64}$", ref):  # an image id (config digest) prefix
             value = ref.removeprefix("sha256:")
             for name, digest in self.refs():
@@ -362,16 +367,25 @@ class Store:
 
     def remove(self, ref: str) -> str:
         """Untag ``ref``; returns the normalised name. Blobs stay until `prune`."""
-        wanted = normalize_ref(ref)
         with self.lock():
             index = self._read_index()
-            before = len(index["manifests"])
-            index["manifests"] = [m for m in index["manifests"]
-                                  if (m.get("annotations") or {}).get(REF_ANNOTATION) != wanted]
-            if len(index["manifests"]) == before:
-                raise ImageError(f"image {ref!r} not found")
-            self._write_index(index)
-        return wanted
+            for wanted in _candidates(ref):
+                kept = [m for m in index["manifests"]
+                        if (m.get("annotations") or {}).get(REF_ANNOTATION) != wanted]
+                if len(kept) != len(index["manifests"]):
+                    index["manifests"] = kept
+                    self._write_index(index)
+                    return wanted
+        raise ImageError(f"image {ref!r} not found")
+
+
+def _candidates(ref: str) -> list[str]:
+    """Store names ``ref`` may mean: as given, then its full registry form."""
+    out: list[str] = []
+    for name in lookup_names(normalize_ref(ref)):
+        if normalize_ref(name) not in out:
+            out.append(normalize_ref(name))
+    return out
 
 
 def _oci_arch() -> str:

@@ -6,6 +6,7 @@ control. The daemon serves it over a socket; the CLI embeds it when no daemon ru
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -17,7 +18,7 @@ from typing import Any
 import trio
 
 from .. import cgroups, config, seccomp
-from ..errors import SandboxError, SpecError
+from ..errors import ImageError, SandboxError, SpecError
 from ..images.store import Image, Store
 from ..jail import ops, plan
 from ..profiles import Profile, load_profile
@@ -117,23 +118,45 @@ class Supervisor:
     # -- images -------------------------------------------------------------------------
 
     async def image(self, ref: str, progress: ProgressCallback | None = None) -> Image:
-        """Resolve ``ref`` in the store; build it from the shipped recipe of that name on
-        first use (like `docker run` pulls)."""
+        """Resolve ``ref`` in the store; on first use, build it from the shipped recipe of
+        that name, or else pull it from its registry (like `docker run`)."""
         image = self.store.find(ref)
         if image is None:
             from ..images import build  # noqa: PLC0415
 
             recipe = build.shipped_recipe(ref)
-            if recipe is None:
-                raise SpecError(f"image {ref!r} not found (see `sandbox images`)")
             async with self._build_lock:
                 image = self.store.find(ref)
-                if image is None:
+                if image is None and recipe is not None:
                     image = await build.build(self, recipe, ref,
                                               progress=progress or self.on_progress)
+                elif image is None:
+                    image = await self._pull(ref, progress or self.on_progress)
         if not all(self.store.has_layer_dir(layer.diff_id) for layer in image.layers):
             await trio.to_thread.run_sync(self.store.ensure_unpacked, image)
         return image
+
+    async def _pull(self, ref: str, log: ProgressCallback | None) -> Image:
+        from ..images import pull, reference  # noqa: PLC0415
+        from ..images.registry import LineProgress  # noqa: PLC0415
+
+        if os.environ.get("SANDBOX_PULL", "auto") == "never":
+            raise SpecError(f"image {ref!r} not found (see `sandbox images`; SANDBOX_PULL=never "
+                            "keeps it from being pulled)")
+        try:
+            full = reference.parse(ref)
+        except ImageError:
+            raise SpecError(f"image {ref!r} not found (see `sandbox images`)") from None
+        progress = LineProgress(log) if log else None
+        if log:
+            log(f"Pulling {full}")
+        try:
+            result = await trio.to_thread.run_sync(
+                functools.partial(pull.pull, ref, store=self.store, progress=progress))
+        except ImageError as e:
+            raise ImageError(f"image {ref!r} is not in the store and pulling it failed: "
+                             f"{e}") from None
+        return result.image
 
     # -- sandboxes ----------------------------------------------------------------------
 
