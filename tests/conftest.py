@@ -235,6 +235,29 @@ def _children() -> list[str]:
     return out
 
 
+def _others_alive(cgroups: set[str]) -> set[str]:
+    """Job cgroups (``<supervisor pid>-<n>``) whose supervisor is alive and not a process of
+    this test run: colleagues' concurrent runs, not our leaks."""
+    out = set()
+    me = os.getpid()
+    for path in cgroups:
+        owner = Path(path).name.split("-")[0]
+        if not owner.isdigit() or not Path(f"/proc/{owner}").exists():
+            continue
+        pid, ours = int(owner), False
+        while pid > 1:
+            if pid == me:
+                ours = True
+                break
+            try:
+                pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                break
+        if not ours:
+            out.add(path)
+    return out
+
+
 @pytest.fixture
 def no_leaks() -> Iterator[None]:
     """Fail the test if it left a cgroup, a mount, a process or a child behind."""
@@ -243,7 +266,8 @@ def no_leaks() -> Iterator[None]:
     import time
 
     for _ in range(50):  # cleanup of the last job may still be finishing
-        leaked = (set(_our_cgroups()) - before, _sandbox_mounts(), _user_processes(),
+        new = set(_our_cgroups()) - before
+        leaked = (new - _others_alive(new), _sandbox_mounts(), _user_processes(),
                   _children())
         if not any(leaked):
             return
