@@ -20,7 +20,9 @@ DEV_LINKS = (("/proc/self/fd", "fd"), ("/proc/self/fd/0", "stdin"),
              ("pts/ptmx", "ptmx"))
 DEV_SIZE = 64 * 1024
 # Like Docker's defaults: kernel knobs read-only, kernel internals masked (with /dev/null).
-PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+# /proc/pressure's files are world-writable on the host: a write there creates a PSI
+# trigger that polls the whole host's pressure, a kernel resource outside the job's limits.
+PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs", "pressure")
 PROC_MASKED = ("kcore", "keys", "timer_list", "sched_debug", "latency_stats", "kallsyms",
                "kpagecount", "kpageflags", "kpagecgroup", "config.gz")
 

@@ -175,6 +175,13 @@ def test_kill_everything_in_sight(hostile: Hostile, victim: Victim) -> None:
     assert fields(r)["survived"] == "1"
 
 
+def test_kernel_knobs_are_not_writable(hostile: Hostile) -> None:
+    r = hostile.run("kernelknobs")
+    f = fields(r)
+    assert f["writable"] == "0", r["stdout"]
+    assert not not_ok(f), f
+
+
 def test_kernel_logs_and_memory_are_unreadable(hostile: Hostile) -> None:
     f = fields(hostile.run("kernellogs"))
     assert not not_ok(f), f
