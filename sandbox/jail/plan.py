@@ -97,12 +97,13 @@ def prepare(shape: SandboxShape, idmap: IdMapping) -> list[o.Op]:
     ]
     if not shape.upper_dir:
         steps += [o.MakeDir(upper, 0o755), o.MakeDir(ovl_work, 0o700)]
+    # Below `root` is the image, attacker-controlled: MakeDir never follows a symlink there.
     steps += [
         o.MountOverlay(shape.lower, upper, ovl_work, root),
-        o.MakeDir(root + shape.workdir, 0o755, uid, gid),
-        o.MakeDir(f"{root}/tmp", 0o1777),
-        o.MakeDir(f"{root}/proc", 0o555),
-        o.MakeDir(f"{root}/dev", 0o755),
+        o.MakeDir(root + shape.workdir, 0o755, uid, gid, beneath=root),
+        o.MakeDir(f"{root}/tmp", 0o1777, beneath=root),
+        o.MakeDir(f"{root}/proc", 0o555, beneath=root),
+        o.MakeDir(f"{root}/dev", 0o755, beneath=root),
     ]
     if not shape.writable_root and shape.workdir != "/":
         steps += [o.BindMount(f"{root}/tmp", f"{root}/tmp"),
@@ -156,7 +157,7 @@ def go(launch: Launch, idmap: IdMapping) -> list[o.Op]:
             dirs.add(parent)
             parent = posixpath.dirname(parent)
         writes.append(o.WriteFile(path, 3 + index, mode, launch.uid, launch.gid))
-    made = [o.MakeDir(d, 0o755, launch.uid, launch.gid)
+    made = [o.MakeDir(d, 0o755, launch.uid, launch.gid, beneath=launch.workdir)
             for d in sorted(dirs, key=lambda d: (d.count("/"), d))]
     return [*made, *writes, o.UnshareCgroupNamespace()]
 
