@@ -17,6 +17,7 @@ from .errors import SpecError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MAX_SIZE = (1 << 63) - 1  # what the kernel's 64-bit counters take
 
 
 def parse_size(value: str | int) -> int:
@@ -24,14 +25,16 @@ def parse_size(value: str | int) -> int:
     if isinstance(value, bool):
         raise SpecError(f"invalid size {value!r}")
     if isinstance(value, int):
-        if value < 0:
-            raise SpecError(f"invalid size {value}: must not be negative")
+        if not 0 <= value <= MAX_SIZE:
+            raise SpecError(f"invalid size {value}: must be between 0 and {MAX_SIZE}")
         return value
-    m = _SIZE_RE.match(value)
+    m = _SIZE_RE.match(value) if isinstance(value, str) else None
     if not m:
         raise SpecError(f"invalid size {value!r}: expected a number with an optional K, M or G")
-    number, unit = float(m.group(1)), m.group(2).lower()
-    return int(number * _UNITS[unit])
+    size = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not size <= MAX_SIZE:  # also catches inf
+        raise SpecError(f"invalid size {value!r}: too large")
+    return int(size)
 
 
 def parse_seconds(value: str | float | int) -> float:
@@ -40,6 +43,8 @@ def parse_seconds(value: str | float | int) -> float:
         raise SpecError(f"invalid duration {value!r}")
     if isinstance(value, int | float):
         seconds = float(value)
+    elif not isinstance(value, str):
+        raise SpecError(f"invalid duration {value!r}: expected seconds, e.g. 2 or 0.5")
     else:
         text = value.strip().lower()
         scale = 1.0
@@ -116,8 +121,8 @@ class Limits:
                 raise SpecError(f"invalid {f.name} limit {value!r}") from None
             except SpecError as e:
                 raise SpecError(f"{f.name}: {e}") from None
-            if f.name == "pids" and parsed < 1:
-                raise SpecError(f"invalid pids limit {value!r}: must be at least 1")
+            if f.name == "pids" and not 1 <= parsed <= 1 << 22:
+                raise SpecError(f"invalid pids limit {value!r}: must be 1 to {1 << 22}")
             if f.name in ("memory", "disk") and parsed < 65536:
                 raise SpecError(f"invalid {f.name} limit {value!r}: must be at least 64K")
             object.__setattr__(self, f.name, parsed)
@@ -158,6 +163,10 @@ class File:
     mode: int = 0o644
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not isinstance(self.data, bytes):
+            raise SpecError("a file needs a name (a string) and data (bytes)")
+        if not isinstance(self.mode, int) or isinstance(self.mode, bool):
+            raise SpecError(f"invalid file mode {self.mode!r} for {self.name}")
         parts = self.name.split("/")
         if (not _NAME_RE.match(self.name) or any(p in ("", ".", "..") for p in parts)):
             raise SpecError(f"invalid file name {self.name!r}: must be a relative path")
@@ -205,13 +214,23 @@ class JobSpec:
             raise SpecError("nothing to run: argv is empty")
         if not all(isinstance(a, str) and "\0" not in a for a in self.argv):
             raise SpecError("argv entries must be strings without NUL bytes")
+        if not isinstance(self.env, Mapping):
+            raise SpecError("env must be a mapping of names to strings")
         for key, value in self.env.items():
-            if not _ENV_KEY_RE.match(key) or "\0" in value:
+            if (not isinstance(key, str) or not isinstance(value, str)
+                    or not _ENV_KEY_RE.match(key) or "\0" in value):
                 raise SpecError(f"invalid environment variable {key!r}")
-        if not self.image:
+        if not isinstance(self.image, str) or not self.image:
             raise SpecError("no image given")
-        if not re.match(r"^[a-z0-9][a-z0-9_.-]*$", self.profile):
+        if not isinstance(self.profile, str) or not re.match(r"^[a-z0-9][a-z0-9_.-]*$",
+                                                             self.profile):
             raise SpecError(f"invalid profile name {self.profile!r}")
+        if self.stdin is not None and not isinstance(self.stdin, bytes):
+            raise SpecError("stdin must be bytes")
+        if not isinstance(self.entrypoint, bool):
+            raise SpecError("entrypoint must be true or false")
+        if not all(isinstance(f, File) for f in self.files):
+            raise SpecError("files must be File objects")
         names = [f.name for f in self.files]
         if len(names) != len(set(names)):
             raise SpecError("two files with the same name")
@@ -246,7 +265,7 @@ class JobSpec:
                 profile=data.get("profile", "default"),
                 entrypoint=bool(data.get("entrypoint", False)),
             )
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SpecError(f"malformed job spec: {e}") from None
 
 

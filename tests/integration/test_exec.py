@@ -170,6 +170,7 @@ def test_bad_input_is_one_line_and_125(root_runner: Runner, tmp_path: Path) -> N
     cases = [
         ["exec", "--image", "no-such-image", "true"],
         ["exec", "--image", "busybox", "--memory", "lots", "true"],
+        ["exec", "--image", "busybox", "--memory", "9" * 400, "true"],
         ["exec", "--image", "busybox", "--time", "-1", "true"],
         ["exec", "--image", "busybox", "--profile", "no-such-profile", "true"],
         ["exec", "--image", "busybox", "--stdin", str(tmp_path / "missing"), "true"],

@@ -23,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sandbox.errors import ImageError
+from sandbox.errors import ImageError, ProfileError, SpecError
 from sandbox.images import layers, recipe
+from sandbox.images.store import normalize_ref
+from sandbox.profiles import parse_profile
+from sandbox.spec import JobSpec, Limits, parse_env, parse_seconds, parse_size
 
 FUZZ = settings(max_examples=300, deadline=2000,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -197,3 +200,150 @@ def test_recipe_parser_on_any_text(text: str) -> None:
     with contextlib.suppress(recipe.RecipeError):
         recipe.parse(text, "R")
     recipe.substitute(text, {"A": "1"})
+
+
+# ------------------------------------------------------------------ profiles
+
+_TOML_VALUES = st.recursive(
+    st.one_of(st.integers(-(2**63), 2**63 - 1), st.booleans(), st.floats(allow_nan=False),
+              st.sampled_from(["512M", "10", "1.5s", "EPERM", "ENOSYS", "allow", "errno",
+                               "kill", "mount", "clone", "nosuchcall", "/work", "", "-1", "x"])),
+    lambda inner: st.lists(inner, max_size=4), max_leaves=8)
+_KEYS = st.sampled_from(["time", "wall_time", "memory", "pids", "output", "disk", "uid", "gid",
+                         "hostname", "workdir", "path", "lang", "core", "nofile", "stack",
+                         "default", "errno", "deny", "enosys", "allow", "syscall", "arg",
+                         "any_bits", "unless_bits", "equals_32", "masked_eq", "bogus"])
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, float) and v in (float("inf"), float("-inf")):
+        return "inf" if v > 0 else "-inf"
+    return repr(v)
+
+
+@st.composite
+def profiles(draw: st.DrawFn) -> str:
+    lines = []
+    for section in draw(st.lists(st.sampled_from(["limits", "job", "rlimits", "seccomp",
+                                                  "[seccomp.rule]", "extra"]),
+                                 max_size=6, unique=True)):
+        lines.append(f"[{section}]")
+        for key, value in draw(st.dictionaries(_KEYS, _TOML_VALUES, max_size=6)).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+@FUZZ
+@given(text=profiles())
+def test_profile_parser(text: str) -> None:
+    from sandbox import seccomp
+
+    try:
+        profile = parse_profile("fuzz", Path("fuzz.toml"), text)
+    except ProfileError:
+        return
+    with contextlib.suppress(ProfileError):
+        seccomp.compile_bpf(profile.seccomp)
+
+
+@FUZZ
+@given(text=st.text(max_size=200))
+def test_profile_parser_on_any_text(text: str) -> None:
+    with pytest.raises(ProfileError):
+        parse_profile("fuzz", Path("fuzz.toml"), text)
+
+
+# ------------------------------------------------------------------ sizes, durations, refs
+
+
+@FUZZ
+@given(value=st.one_of(st.text(max_size=40), st.from_regex(
+    r"\s*\d{1,400}(\.\d*)?\s*[kmgtKMGT]?i?[bB]?\s*", fullmatch=True)))
+@example("9" * 400)
+@example("99999999999T")
+def test_parse_size(value: str) -> None:
+    try:
+        size = parse_size(value)
+    except SpecError:
+        return
+    assert isinstance(size, int) and size >= 0
+
+
+@FUZZ
+@given(value=st.one_of(st.text(max_size=40), st.floats(), st.integers(),
+                       st.from_regex(r"\d{1,400}(\.\d*)?(e\d{1,4})?(ms|s)?", fullmatch=True)))
+@example([])
+@example("9" * 400)
+def test_parse_seconds(value: Any) -> None:
+    try:
+        seconds = parse_seconds(value)
+    except SpecError:
+        return
+    assert isinstance(seconds, float) and 0 < seconds < float("inf")
+
+
+@FUZZ
+@given(ref=st.text(max_size=80))
+def test_image_references(ref: str) -> None:
+    with contextlib.suppress(ImageError):
+        normalize_ref(ref)
+
+
+@FUZZ
+@given(items=st.lists(st.text(max_size=20), max_size=5))
+def test_parse_env(items: list[str]) -> None:
+    try:
+        env = parse_env(items)
+    except SpecError:
+        return
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+
+
+_ANY_JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10),
+              st.binary(max_size=10)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=10)
+
+
+@st.composite
+def job_dicts(draw: st.DrawFn) -> dict[str, Any]:
+    keys = ["image", "argv", "files", "stdin", "env", "limits", "profile", "entrypoint"]
+    good: dict[str, Any] = {"image": "busybox", "argv": ["true"], "files": [], "stdin": None,
+                            "env": {}, "limits": {}, "profile": "default", "entrypoint": False}
+    for key in draw(st.lists(st.sampled_from(keys), max_size=4, unique=True)):
+        good[key] = draw(_ANY_JSON)
+    if draw(st.booleans()):
+        good["limits"] = draw(st.dictionaries(st.sampled_from(
+            ["time", "wall_time", "memory", "pids", "output", "disk", "x"]), _ANY_JSON,
+            max_size=3))
+    if draw(st.booleans()):
+        good["files"] = draw(st.lists(st.dictionaries(st.sampled_from(
+            ["name", "data", "mode", "x"]), _ANY_JSON, max_size=3), max_size=2))
+    return good
+
+
+@FUZZ
+@given(data=job_dicts())
+def test_job_spec_from_any_dict(data: dict[str, Any]) -> None:
+    """What the daemon will decode from a client: a valid, well-typed spec or `SpecError`."""
+    try:
+        spec = JobSpec.from_dict(data)
+    except SpecError:
+        return
+    assert isinstance(spec.image, str) and spec.image
+    assert all(isinstance(a, str) for a in spec.argv)
+    assert spec.stdin is None or isinstance(spec.stdin, bytes)
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in spec.env.items())
+    assert isinstance(spec.profile, str) and isinstance(spec.entrypoint, bool)
+    for f in spec.files:
+        assert isinstance(f.data, bytes) and isinstance(f.mode, int)
+    assert isinstance(spec.limits, Limits)
+    JobSpec.from_dict(spec.to_dict())  # round trip
