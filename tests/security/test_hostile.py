@@ -355,6 +355,19 @@ def test_other_abis_cannot_make_a_system_call(hostile: Hostile, abi: str) -> Non
     assert "pwned" not in r["stdout"]
 
 
+# ------------------------------------------------------------------ argv and environment
+
+
+def test_huge_argv_and_env_fail_cleanly_or_run(hostile: Hostile) -> None:
+    many = ["a" * 1000] * 1000  # 1 MB of arguments
+    r = hostile.exec("sh", "-c", 'echo "$#"', "sh", *many)
+    assert r["cli_exit"] == 125 and r["status"] == "internal_error", r
+    assert "too large" in r["message"] and "Traceback" not in r["cli_stderr"]
+    big = hostile.exec("--env", "BIG=" + "b" * 100_000, "sh", "-c", 'echo "${#BIG} $#"', "sh",
+                       *["a" * 100] * 500)
+    assert big["stdout"].split() == ["100000", "500"], big
+
+
 # ------------------------------------------------------------------ copying in
 
 
