@@ -145,19 +145,18 @@ def host_snapshot(victim: Victim) -> dict[str, Any]:
 
 
 def processes_with(token: str) -> list[str]:
-    """Host processes whose environment or command line carries ``token``."""
+    """Host processes whose environment carries ``token``: the job's processes (the CLI
+    has it only on its command line)."""
     needle = token.encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
-        for name in ("environ", "cmdline"):
-            try:
-                if needle in (entry / name).read_bytes():
-                    found.append(f"{entry.name}: {(entry / 'cmdline').read_bytes()[:80]!r}")
-                    break
-            except OSError:
-                continue
+        try:
+            if needle in (entry / "environ").read_bytes():
+                found.append(f"{entry.name}: {(entry / 'cmdline').read_bytes()[:80]!r}")
+        except OSError:
+            continue
     return found
 
 
