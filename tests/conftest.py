@@ -205,6 +205,21 @@ def _sandbox_mounts() -> list[str]:
     return [line for line in lines if " - overlay " in line or "/sandbox-" in line.split()[4]]
 
 
+def _of_another_checkout(pid: str) -> bool:
+    """The process or one of its ancestors runs the tool from another checkout's venv (a
+    colleague's concurrent test run, or a daemon): not a leak of ours."""
+    ours = str(VENV_BIN).encode()
+    while pid not in ("0", "1"):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            pid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+        except (OSError, IndexError):
+            return False
+        if b"/.venv/bin/" in cmdline and ours not in cmdline:
+            return True
+    return False
+
+
 def _user_processes() -> list[str]:
     try:
         uid = pwd.getpwnam(TEST_USER).pw_uid
@@ -214,7 +229,7 @@ def _user_processes() -> list[str]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if entry.stat().st_uid == uid:
+                if entry.stat().st_uid == uid and not _of_another_checkout(entry.name):
                     out.append(f"{entry.name}: {(entry / 'cmdline').read_bytes()[:80]!r}")
             except OSError:
                 continue
