@@ -81,9 +81,11 @@ def test_memory_limit(py3: Runner) -> None:
 
 
 def test_memory_limit_spread_over_processes(runner: Runner) -> None:
-    # four processes of 40 MB each: only the whole-job limit of 100 MB catches them
+    # four processes that each hold 40 MB (under the limit alone) while all of them sleep:
+    # only the whole-job limit of 100 MB catches them. (tail -c used to free its buffer
+    # before the others had filled theirs, which made this test flaky.)
     script = ("for i in 1 2 3 4; do "
-              "(head -c 40000000 /dev/zero | tail -c 40000000 >/dev/null; sleep 5) & done; wait")
+              "(x=$(head -c 40000000 /dev/zero | tr '\\0' a); sleep 5) & done; wait")
     r = runner.sh(script, "--memory", "100M")
     assert r["status"] == "memory_limit"
 
