@@ -13,6 +13,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,16 @@ def _ppid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def _sleeping_jobs(token: str) -> list[int]:
+    out = []
+    for p in processes_with(token):
+        pid = p.split(":")[0]
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x002\x00":
+                out.append(int(pid))
+    return out
+
+
 def test_leaked_descriptors_reach_neither_job_nor_init(hostile: Hostile, victim: Victim) -> None:
     """The test leaks a file, a directory, an O_PATH of /, a socket and a pipe into the CLI;
     while the job runs, the host looks at the descriptors of the job and of its init."""
@@ -284,8 +295,9 @@ def test_leaked_descriptors_reach_neither_job_nor_init(hostile: Hostile, victim:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"up\n"
-        jobs = [int(p.split(":")[0]) for p in processes_with(hostile.token)
-                if Path(f"/proc/{p.split(':')[0]}/cmdline").read_bytes() == b"sleep\x002\x00"]
+        deadline = time.monotonic() + 10
+        while not (jobs := _sleeping_jobs(hostile.token)) and time.monotonic() < deadline:
+            time.sleep(0.02)  # "up" is printed just before sleep starts
         assert jobs, "the job was not found on the host"
         seen = set()
         for pid in jobs:
