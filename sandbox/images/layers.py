@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import UnsafeLayerError
+from ..errors import ImageError, UnsafeLayerError
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -145,8 +145,17 @@ def unpack(fileobj: IO[bytes], target: Path, *, max_bytes: int = DEFAULT_MAX_BYT
                 checked = unpacker.filter(member, root)
                 if checked is not None:
                     tar.extract(checked, root, **_TRUSTED)
+        _finish(root, unpacker)
     except tarfile.TarError as e:
         raise UnsafeLayerError(f"malformed layer archive: {e}") from None
+    except (OSError, EOFError) as e:  # e.g. a name too long, a full disk, a truncated stream
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ImageError(f"cannot unpack layer: {detail}") from None
+
+
+def _finish(root: str, unpacker: _Unpacker) -> None:
+    """Whiteouts, opaque markers and directory modes, once every entry is in place. A later
+    entry may have replaced a directory by a symlink: nothing here goes through one."""
     for rel in unpacker.whiteouts:
         _check_parents(root, rel)
         path = os.path.join(root, rel)
@@ -155,11 +164,28 @@ def unpack(fileobj: IO[bytes], target: Path, *, max_bytes: int = DEFAULT_MAX_BYT
             _remove(path)
         os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
     for rel in unpacker.opaque:
-        path = os.path.join(root, rel) if rel else root
-        os.makedirs(path, exist_ok=True)
-        os.setxattr(path, OPAQUE_XATTR, b"y", follow_symlinks=False)
+        if rel:
+            _check_parents(root, f"{rel}/{OPAQUE_MARKER}")
+            os.makedirs(os.path.join(root, rel), exist_ok=True)
+        if (real := _real_dir(root, rel)) is not None:
+            os.setxattr(real, OPAQUE_XATTR, b"y", follow_symlinks=False)
     for rel, mode in reversed(unpacker.dir_modes):
-        os.chmod(os.path.join(root, rel), mode)
+        if (real := _real_dir(root, rel)) is not None:  # else replaced by a later entry
+            os.chmod(real, mode)
+
+
+def _real_dir(root: str, rel: str) -> str | None:
+    """``root/rel`` if it and every directory on the way are real directories (no symlink),
+    else None."""
+    path = root
+    for part in rel.split("/") if rel else ():
+        path = os.path.join(path, part)
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return None
+        except FileNotFoundError:
+            return None
+    return path
 
 
 def is_whiteout(st: os.stat_result) -> bool:

@@ -25,7 +25,7 @@ from ..profiles import Profile, load_profile
 from ..spec import JobSpec, Limits, Result, Status
 from . import job
 from .job import JobControl
-from .pool import Pool, Sandbox
+from .pool import Pool, Sandbox, layer_ids
 from .spawner import Spawner
 
 ProgressCallback = Callable[[str], None]
@@ -174,6 +174,7 @@ class Supervisor:
         sandbox of ``shape``, and wait until it is ready. (init joins the cgroup itself: a
         cgroup v1 migration waits for an RCU grace period, which must not stall us.)"""
         idmap = self.idmap_for(shape.upper_dir)
+        layers = layer_ids(shape.lower)
         cgroup = self.cgroups.create(f"{os.getpid()}-{next(self._ids):x}")
         try:
             procs = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_files()]
@@ -193,7 +194,7 @@ class Supervisor:
         finally:
             for fd in procs:
                 os.close(fd)
-        sandbox = Sandbox(init, cgroup)
+        sandbox = Sandbox(init, cgroup, layers)
         try:
             await init.wait_ready()
         except BaseException:
