@@ -10,7 +10,7 @@ does) costs nothing::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs the CLI 7 ms
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,8 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from .client import AsyncClient as AsyncClient
     from .client import Client as Client
     from .errors import SandboxError as SandboxError

@@ -1,5 +1,7 @@
-"""The fast path of `sandbox exec`: straight to a running daemon, without click, trio or
-dataclasses (importing them costs more than a whole sandboxed job).
+"""The fast path of `sandbox exec`: straight to a running daemon, without click, trio,
+dataclasses or even `typing` (importing them costs more than a whole sandboxed job). It
+speaks the protocol on its framing layer (`framing.py`) with plain maps; the daemon, run by
+the same user, is trusted to answer well-formed messages.
 
 `run` returns None whenever it is not sure what to do (``--help``, an option it does not
 know, a malformed value, no daemon): the full CLI in `cli.py` then handles the command, with
@@ -10,28 +12,15 @@ same options. Once a job is submitted, the fast path sees it through.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import sys
-from collections.abc import Callable
-from typing import Any
 
-from . import __version__, runtime, verdict
+from . import __version__, framing, runtime, verdict
 from .errors import SpecError
-from .protocol import (
-    PROTOCOL_VERSION,
-    Connection,
-    ErrorReply,
-    Event,
-    Hello,
-    JobFinished,
-    Output,
-    Progress,
-    RunJob,
-    Welcome,
-)
 from .units import parse_seconds, parse_size
+
+PROTOCOL_VERSION = 1  # = protocol.PROTOCOL_VERSION (tests/unit/test_fastexec.py checks)
 
 # option -> (key, kind); the same options as `sandbox exec` in cli.py
 OPTIONS: dict[str, tuple[str, str]] = {
@@ -43,6 +32,11 @@ OPTIONS: dict[str, tuple[str, str]] = {
 }
 _PARSE: dict[str, Callable[[str], Any]] = {"str": str, "seconds": parse_seconds,
                                            "size": parse_size, "int": int}
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 
 def parse(argv: list[str]) -> dict[str, Any] | None:
@@ -125,21 +119,23 @@ class _Daemon:
     def __init__(self, path: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.connect(path)
-        self.conn = Connection("client")
-        self.send(Hello(PROTOCOL_VERSION, f"sandbox-cli {__version__}"))
-        if not isinstance(self.read(), Welcome):
+        self.frames = framing.FrameReader()
+        self.send({"t": "hello", "version": PROTOCOL_VERSION,
+                   "client": f"sandbox-cli {__version__}"})
+        welcome = self.read()
+        if welcome.get("t") != "welcome" or welcome.get("version") != PROTOCOL_VERSION:
             raise OSError("no handshake")
 
-    def send(self, event: Event) -> None:
-        self.sock.sendall(self.conn.send(event))
+    def send(self, message: dict[str, Any]) -> None:
+        self.sock.sendall(framing.encode(message))
 
-    def read(self) -> Event:
-        while (event := self.conn.next_event()) is None:
+    def read(self) -> dict[str, Any]:
+        while (message := self.frames.next()) is None:
             data = self.sock.recv(1 << 16)
             if not data:
                 raise OSError("the daemon closed the connection")
-            self.conn.receive_data(data)
-        return event
+            self.frames.feed(data)
+        return message
 
 
 def run(argv: list[str]) -> int | None:
@@ -162,26 +158,31 @@ def run(argv: list[str]) -> int | None:
         return None
     as_json = opts["json"]
     try:
-        daemon.send(RunJob(1, spec, stream_output=not as_json))
+        daemon.send({"t": "run", "id": 1, "spec": spec, "stream_output": not as_json,
+                     "stdin_stream": False})
         while True:
             event = daemon.read()
-            if isinstance(event, Output):
-                _write(event.stream, event.data)
-            elif isinstance(event, Progress):
-                if event.line.startswith(("Step ", " --->", "Successfully")):
-                    _write("stderr", f"{event.line}\n".encode())
-            elif isinstance(event, JobFinished):
-                result = event.result
+            kind = event.get("t")
+            if kind == "output":
+                _write(str(event["stream"]), event["data"])
+            elif kind == "progress":
+                line = str(event["line"])
+                if line.startswith(("Step ", " --->", "Successfully")):
+                    _write("stderr", f"{line}\n".encode())
+            elif kind == "result":
+                result = event["result"]
                 break
-            elif isinstance(event, ErrorReply):
-                return _error(event.message, as_json)
+            elif kind == "error":
+                return _error(str(event["message"]), as_json)
         if as_json:
+            import json  # noqa: PLC0415 - only --json pays for it
+
             _write("stdout", json.dumps(verdict.json_view(result)).encode() + b"\n")
         elif result["status"] != "ok":
             _write("stderr", verdict.summary(result).encode() + b"\n")
     except _Unwritable as e:  # closing the connection makes the daemon kill the job
         return _error(str(e), False)
-    except (OSError, SpecError) as e:
+    except (OSError, SpecError, KeyError) as e:
         return _error(f"lost the daemon: {e}", as_json)
     finally:
         daemon.sock.close()
@@ -214,6 +215,8 @@ def _drop_unwritable_stdout() -> None:
 
 def _error(message: str, as_json: bool) -> int:
     if as_json:
+        import json  # noqa: PLC0415
+
         with contextlib.suppress(OSError):
             sys.stdout.write(json.dumps(verdict.internal_error(message)) + "\n")
     _drop_unwritable_stdout()

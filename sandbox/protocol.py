@@ -3,33 +3,26 @@
 No I/O and no trio here: the server, the blocking client and the async client all drive
 the same `Connection`. See docs/protocol.md for the message reference.
 
-Framing: each message is a msgpack map, preceded by its length as 4 bytes big-endian. A
-frame longer than ``max_message`` is refused before it is buffered. The first message each
-way is the handshake (``hello`` from the client, ``welcome`` from the server); a client
+Framing (`framing.py`): each message is a msgpack map, preceded by its length as 4 bytes
+big-endian. A frame longer than ``max_message`` is refused before it is buffered. The first
+message each way is the handshake (``hello`` from the client, ``welcome`` from the server); a client
 speaking another protocol version gets a fatal error.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import msgpack
-
 from .errors import ProtocolError
+from .framing import DEFAULT_MAX_MESSAGE, LENGTH, FrameReader, encode
+from .framing import RemoteProtocolError as RemoteProtocolError
 
 PROTOCOL_VERSION = 1
-DEFAULT_MAX_MESSAGE = 64 << 20
-_LEN = struct.Struct(">I")
 
 
 class LocalProtocolError(ProtocolError):
     """We tried to send something the protocol does not allow (a bug on our side)."""
-
-
-class RemoteProtocolError(ProtocolError):
-    """The peer sent something the protocol does not allow."""
 
 
 # ------------------------------------------------------------------------------ events
@@ -227,7 +220,7 @@ class Connection:
             raise ValueError(role)
         self.role = role
         self.max_message = max_message
-        self._buf = bytearray()
+        self._frames = FrameReader(max_message)
         self._incoming = CLIENT_EVENTS if role == "server" else SERVER_EVENTS
         self._outgoing = SERVER_EVENTS if role == "server" else CLIENT_EVENTS
         self.handshake_received = False
@@ -237,28 +230,14 @@ class Connection:
     def receive_data(self, data: bytes) -> None:
         if self.broken:
             raise RemoteProtocolError("connection already failed")
-        self._buf += data
+        self._frames.feed(data)
 
     def next_event(self) -> Event | None:
         """The next complete event, or None until more data arrives."""
-        if len(self._buf) < _LEN.size:
-            return None
-        (length,) = _LEN.unpack_from(self._buf)
-        if length > self.max_message:
-            self.broken = True
-            raise RemoteProtocolError(f"message of {length} bytes exceeds the limit of "
-                                      f"{self.max_message}")
-        end = _LEN.size + length
-        if len(self._buf) < end:
-            return None
-        frame = bytes(self._buf[_LEN.size:end])
-        del self._buf[:end]
         try:
-            raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
-        except Exception as e:  # noqa: BLE001 - msgpack raises many types on bad input
-            self.broken = True
-            raise RemoteProtocolError(f"malformed message: {type(e).__name__}") from None
-        try:
+            raw = self._frames.next()
+            if raw is None:
+                return None
             event = _decode(raw, self._incoming)
         except RemoteProtocolError:
             self.broken = True
@@ -290,7 +269,7 @@ class Connection:
         if not self.handshake_sent and not isinstance(event, first | ErrorReply):
             raise LocalProtocolError(f"send {_NAMES[first]} first")
         self.handshake_sent = True
-        body = bytes(msgpack.packb(_encode(event), use_bin_type=True))
-        if len(body) > self.max_message:
-            raise LocalProtocolError(f"message of {len(body)} bytes exceeds the limit")
-        return _LEN.pack(len(body)) + body
+        frame = encode(_encode(event))
+        if len(frame) - LENGTH.size > self.max_message:
+            raise LocalProtocolError(f"message of {len(frame)} bytes exceeds the limit")
+        return frame

@@ -4,9 +4,11 @@ give it). Stdlib only and cheap to import: the CLI's fast path uses it."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from .units import format_size
+
+TYPE_CHECKING = False  # not from typing: the CLI's fast path does not import it
+if TYPE_CHECKING:
+    from typing import Any
 
 LIMITS = ("time_limit", "memory_limit", "output_limit")
 

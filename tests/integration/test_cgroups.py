@@ -96,7 +96,7 @@ def test_v2_backend_on_the_unified_hierarchy(unified_base: str) -> None:
         assert cg.cpu_time() >= 0.25  # from cpu.stat usage_usec
         assert not cg.oom_killed()
         # no memory or pids controller is enabled here: the limit must not pass silently
-        with pytest.raises(CgroupError, match="memory.max"):
+        with pytest.raises(CgroupError, match=r"memory\.max"):
             cg.set_limits(memory=64 << 20, pids=8)
     finally:
         cg.remove()  # cgroup.kill, then rmdir

@@ -24,3 +24,22 @@ def test_defers_to_the_full_cli() -> None:
     for argv in (["--help"], ["--memory", "lots", "x"], ["--pids", "0", "x"], ["--env", "NOEQ",
                  "x"], ["--image"], [], ["--json=yes", "x"], ["--no-such", "x"]):
         assert _fastexec.parse(argv) is None, argv
+
+
+def test_speaks_the_protocol_version() -> None:
+    from sandbox.protocol import PROTOCOL_VERSION
+
+    assert _fastexec.PROTOCOL_VERSION == PROTOCOL_VERSION
+
+
+def test_imports_nothing_heavy() -> None:
+    """The point of the fast path: no click, trio, dataclasses or typing at start-up."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sandbox._fastexec; "
+            "print(' '.join(m for m in ('click', 'trio', 'dataclasses', 'typing', 'rich') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == ""
