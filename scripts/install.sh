@@ -23,6 +23,8 @@ echo "==> virtual environment in .venv"
 if [ ! -x .venv/bin/python ]; then /usr/bin/python3 -m venv .venv; fi
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[dev]' --config-settings editable_mode=compat  # a plain .pth: fast start-up
+# Byte-compile now: with PYTHONDONTWRITEBYTECODE set, every start would compile from source.
+.venv/bin/python -m compileall -q sandbox >/dev/null
 
 if [ "$(cat /proc/sys/kernel/apparmor_restrict_unprivileged_userns 2>/dev/null || echo 0)" = 1 ]; then
   echo "==> AppArmor: allow user namespaces for the sandbox's interpreter only"
