@@ -202,7 +202,7 @@ def _write(stream: str, data: bytes) -> None:
         raise _Unwritable(f"cannot write the job's {stream}: {e.strerror}") from None
 
 
-def _drop_unwritable_stdout() -> None:
+def drop_unwritable_stdout() -> None:
     """Throw away what stdout cannot take, so that the interpreter's last flush does not
     turn our exit code into 120."""
     try:
@@ -219,7 +219,7 @@ def _error(message: str, as_json: bool) -> int:
 
         with contextlib.suppress(OSError):
             sys.stdout.write(json.dumps(verdict.internal_error(message)) + "\n")
-    _drop_unwritable_stdout()
+    drop_unwritable_stdout()
     with contextlib.suppress(OSError):
         sys.stderr.write(f"sandbox: error: {message}\n")
         sys.stderr.flush()

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import click
 
 from . import cli_registry
+from ._fastexec import drop_unwritable_stdout as _drop_unwritable_stdout
 from .errors import SandboxError, SpecError
 
 EXIT_SANDBOX = 125
@@ -27,17 +28,6 @@ def fail(message: str) -> NoReturn:
     click.echo(f"sandbox: error: {message}", err=True)
     _drop_unwritable_stdout()
     sys.exit(EXIT_SANDBOX)
-
-
-def _drop_unwritable_stdout() -> None:
-    """If stdout cannot take what is buffered (a full disk, a closed pipe), drop it, so
-    that the interpreter's final flush does not turn exit 125 into 120."""
-    try:
-        sys.stdout.flush()
-    except OSError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
 
 
 class _Progress:

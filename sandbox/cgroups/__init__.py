@@ -62,6 +62,20 @@ class Manager(Protocol):
     def describe(self) -> str: ...
 
 
+def write_file(path: str | Path, value: str) -> None:
+    """Write a cgroup control file; errors become `CgroupError` naming the file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CgroupError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        os.write(fd, value.encode())
+    except OSError as e:
+        raise CgroupError(f"cannot write {value!r} to {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def user_name(uid: int | None = None) -> str:
     uid = os.getuid() if uid is None else uid
     try:

@@ -12,23 +12,11 @@ from pathlib import Path
 
 from ..errors import CgroupError
 from . import Stats, user_name
+from . import write_file as _write
 
 CONTROLLERS = ("memory", "pids", "cpuacct")
 SUBTREE = "sandbox"
 _JOB_RE = re.compile(r"^(\d+)-[0-9a-z]+$")
-
-
-def _write(path: str | Path, value: str) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise CgroupError(f"cannot open {path}: {e.strerror}") from None
-    try:
-        os.write(fd, value.encode())
-    except OSError as e:
-        raise CgroupError(f"cannot write {value!r} to {path}: {e.strerror}") from None
-    finally:
-        os.close(fd)
 
 
 def _read(path: str | Path) -> str:

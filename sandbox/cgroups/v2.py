@@ -18,22 +18,10 @@ from pathlib import Path
 
 from ..errors import CgroupError
 from . import Stats
+from . import write_file as _write
 
 NEEDED = ("memory", "pids")
 _JOB_RE = re.compile(r"^(\d+)-[0-9a-z]+$")
-
-
-def _write(path: Path, value: str) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise CgroupError(f"cannot open {path}: {e.strerror}") from None
-    try:
-        os.write(fd, value.encode())
-    except OSError as e:
-        raise CgroupError(f"cannot write {value!r} to {path}: {e.strerror}") from None
-    finally:
-        os.close(fd)
 
 
 def _keyed(path: Path) -> dict[str, int]:
