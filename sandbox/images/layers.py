@@ -2,11 +2,14 @@
 
 Unpacking never writes outside its target: absolute names and ``..`` are refused, so are
 entries below a symlinked parent, hard links that point outside, and archives larger than
-a bound. Device nodes are dropped (the sandbox bind-mounts its own /dev); ownership is not
-restored (every file belongs to the user who unpacks, which a single-id user namespace maps
-to the job's ids). ``.wh.NAME`` becomes an overlay whiteout (a 0:0 character device, which
-the kernel lets anyone create) and ``.wh..wh..opq`` becomes the ``user.overlay.opaque``
-xattr, which overlayfs honours when mounted with ``userxattr`` in a user namespace.
+a bound. Device nodes are dropped (the sandbox bind-mounts its own /dev); setuid and setgid
+bits are dropped (sandboxes mount everything nosuid anyway, and an unpacked layer must not
+hand out a setuid file on the host); ownership is not restored (every file belongs to the
+user who unpacks, which a single-id user namespace maps to the job's ids). ``.wh.NAME``
+becomes an overlay whiteout (a 0:0 character device, which the kernel lets anyone create)
+and ``.wh..wh..opq`` becomes the ``user.overlay.opaque`` xattr, which overlayfs honours
+when mounted with ``userxattr`` in a user namespace. As the OCI spec says, a whiteout only
+hides lower layers: an entry of the same layer with that name wins.
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ class _Unpacker:
             member = _with(member, name=rel)
         else:
             return None
+        if member.mode & (stat.S_ISUID | stat.S_ISGID):
+            member = _with(member, mode=member.mode & ~(stat.S_ISUID | stat.S_ISGID))
         self.total += max(member.size, 0) if member.isreg() else 0
         if self.total > self.max_bytes:
             raise UnsafeLayerError(f"layer unpacks to more than {self.max_bytes} bytes")
@@ -147,23 +152,81 @@ def unpack(fileobj: IO[bytes], target: Path, *, max_bytes: int = DEFAULT_MAX_BYT
                     tar.extract(checked, root, **_TRUSTED)
     except tarfile.TarError as e:
         raise UnsafeLayerError(f"malformed layer archive: {e}") from None
+    _finish(root, unpacker)
+
+
+def _real_dir(path: str) -> bool:
+    """``path`` is a directory and not a symlink to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _make_parents(root: str, rel: str) -> str:
+    """``mkdir -p`` the parents of ``rel`` inside ``root``, refusing symlinked ones."""
+    _check_parents(root, rel)
+    parent = os.path.dirname(os.path.join(root, rel))
+    os.makedirs(parent, exist_ok=True)
+    _check_parents(root, rel)
+    return os.path.join(root, rel)
+
+
+def _finish(root: str, unpacker: _Unpacker) -> None:
+    """Whiteouts and opaque markers (after every entry, so that the tar's order does not
+    matter), then the directories' own modes, never following a symlink."""
     for rel in unpacker.whiteouts:
-        _check_parents(root, rel)
-        path = os.path.join(root, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if os.path.lexists(path):
-            _remove(path)
-        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
+        path = _make_parents(root, rel)
+        if not os.path.lexists(path):  # an entry of this very layer wins over its whiteout
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
     for rel in unpacker.opaque:
-        path = os.path.join(root, rel) if rel else root
-        os.makedirs(path, exist_ok=True)
+        # the marker's own path: every component of its directory is checked
+        marker = f"{rel}/{OPAQUE_MARKER}".lstrip("/")
+        path = os.path.dirname(_make_parents(root, marker))
         os.setxattr(path, OPAQUE_XATTR, b"y", follow_symlinks=False)
     for rel, mode in reversed(unpacker.dir_modes):
-        os.chmod(os.path.join(root, rel), mode)
+        path = os.path.join(root, rel)
+        try:
+            _check_parents(root, rel)
+        except UnsafeLayerError:
+            continue  # a later entry replaced a parent (by a symlink): this dir is gone
+        if _real_dir(path):  # a later entry may have replaced it (even by a symlink)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                os.fchmod(fd, mode & ~(stat.S_ISUID | stat.S_ISGID))
+            finally:
+                os.close(fd)
 
 
 def is_whiteout(st: os.stat_result) -> bool:
+    """An overlay whiteout: a 0:0 character device."""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def merged_lookup(lower: list[str], rel: str) -> str | None:
+    """Where ``rel`` lives in the overlay of the unpacked ``lower`` dirs (topmost first),
+    honouring whiteouts and opaque dirs; None when it is absent or lies below a symlink or
+    a non-directory (never followed). The result may be a symlink itself."""
+    parts = [p for p in rel.split("/") if p and p != "."]
+    for layer in lower:
+        path = layer
+        for index, part in enumerate(parts):
+            path = os.path.join(path, part)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                if _getxattr(os.path.dirname(path), OPAQUE_XATTR) == b"y":
+                    return None  # an opaque dir of this layer hides the lower ones
+                break
+            if is_whiteout(st):
+                return None
+            if index == len(parts) - 1:
+                return path
+            if not stat.S_ISDIR(st.st_mode):
+                return None
+        else:
+            return None
+    return None
 
 
 def _walk(root: str) -> Iterator[tuple[str, os.stat_result]]:

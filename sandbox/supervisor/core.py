@@ -44,7 +44,7 @@ class Supervisor:
         self._cgroups: cgroups.Manager | None = None
         self._idmap: plan.IdMapping | None = None
         self._mount_point = ""
-        self._build_lock = trio.Lock()
+        self._build_locks: dict[str, trio.Lock] = {}
         self.running: dict[str, JobSpec] = {}
 
     # -- life cycle ---------------------------------------------------------------------
@@ -96,18 +96,24 @@ class Supervisor:
 
     async def image(self, ref: str) -> Image:
         """Resolve ``ref`` in the store; build it from the shipped recipe of that name on
-        first use (like `docker run` pulls)."""
+        first use (like `docker run` pulls). Shipped recipes are part of the tool: their
+        RUN steps may use the network (to install packages)."""
         image = self.store.find(ref)
         if image is None:
             from ..images import build  # noqa: PLC0415
+            from ..images.store import normalize_ref  # noqa: PLC0415
 
             recipe = build.shipped_recipe(ref)
             if recipe is None:
                 raise SpecError(f"image {ref!r} not found (see `sandbox images`)")
-            async with self._build_lock:
+            lock = self._build_locks.setdefault(normalize_ref(ref), trio.Lock())
+            if lock.statistics().owner is trio.lowlevel.current_task():
+                raise SpecError(f"image {ref!r}: its recipe builds FROM itself")
+            async with lock:
                 image = self.store.find(ref)
                 if image is None:
-                    image = await build.build(self, recipe, ref, progress=self.on_progress)
+                    image = await build.build(self, recipe, ref, progress=self.on_progress,
+                                              network="host")
         await trio.to_thread.run_sync(self.store.ensure_unpacked, image)
         return image
 
@@ -115,18 +121,29 @@ class Supervisor:
 
     def shape(self, image: Image, profile: Profile, limits: Limits, *,
               writable_root: bool = False, upper_dir: str = "",
-              workdir: str | None = None) -> plan.SandboxShape:
+              workdir: str | None = None, host_network: bool = False,
+              resolv_conf: bool = False, ids: tuple[int, int] | None = None,
+              ) -> plan.SandboxShape:
         workdir = workdir or profile.workdir
+        uid, gid = ids or (profile.uid, profile.gid)
         return plan.SandboxShape(
             lower=tuple(image.lower_dirs()), disk=int(limits.disk or 0), workdir=workdir,
-            uid=profile.uid, gid=profile.gid, hostname=profile.hostname,
-            mount_point=self._mount_point, writable_root=writable_root, upper_dir=upper_dir)
+            uid=uid, gid=gid, hostname=profile.hostname,
+            mount_point=self._mount_point, writable_root=writable_root, upper_dir=upper_dir,
+            host_network=host_network, resolv_conf=resolv_conf)
 
     async def new_sandbox(self, shape: plan.SandboxShape) -> InitHandle:
-        """Clone an init that builds a sandbox of ``shape``, and wait until it is ready."""
+        """Clone an init that builds a sandbox of ``shape``, and wait until it is ready.
+        The sandbox holds a lease on its layers until it is closed (prune skips them)."""
         idmap = self.idmap_for(shape.upper_dir)
-        init = await self.spawner.spawn(plan.prepare(shape, idmap), plan.clone_flags(),
-                                        idmap.spawner_args())
+        lease = await trio.to_thread.run_sync(self.store.lease, shape.lower)
+        try:
+            init = await self.spawner.spawn(plan.prepare(shape, idmap),
+                                            plan.clone_flags(shape), idmap.spawner_args())
+        except BaseException:
+            lease.close()
+            raise
+        init.hold(lease)
         try:
             await init.wait_ready()
         except BaseException:
@@ -138,10 +155,13 @@ class Supervisor:
 
     async def run(self, spec: JobSpec, on_output: job.OutputCallback | None = None, *,
                   image: Image | None = None, writable_root: bool = False,
-                  upper_dir: str = "", workdir: str | None = None) -> Result:
+                  upper_dir: str = "", workdir: str | None = None, host_network: bool = False,
+                  resolv_conf: bool = False, ids: tuple[int, int] | None = None) -> Result:
         """Run one job to completion. Bad input raises `SandboxError`; a sandbox that fails
         comes back as a `Result` with status ``internal_error``. ``image`` (instead of
-        ``spec.image``), ``writable_root``, ``upper_dir`` and ``workdir`` serve builds."""
+        ``spec.image``), ``writable_root``, ``upper_dir``, ``workdir``, ``host_network``
+        (no network namespace; ``resolv_conf`` binds the host's), and ``ids`` (the job's
+        uid and gid instead of the profile's: a recipe's USER) serve builds."""
         t0 = time.monotonic()
         profile = load_profile(spec.profile)
         limits = spec.limits.over(profile.limits)
@@ -160,14 +180,16 @@ class Supervisor:
         bpf = seccomp.compile_bpf(profile.seccomp)
         idmap = self.idmap_for(upper_dir)
         workdir = workdir or profile.workdir
+        uid, gid = ids or (profile.uid, profile.gid)
         env = plan.job_env(path=profile.path_env, home=workdir, lang=profile.lang,
                            image_env=image.env, extra=spec.env)
         launch = plan.Launch(argv=tuple(argv), env=env,
                              files=[(f.name, f.mode) for f in spec.files],
-                             workdir=workdir, uid=profile.uid, gid=profile.gid,
+                             workdir=workdir, uid=uid, gid=gid,
                              rlimits=profile.rlimits, bpf=bpf)
         shape = self.shape(image, profile, limits, writable_root=writable_root,
-                           upper_dir=upper_dir, workdir=workdir)
+                           upper_dir=upper_dir, workdir=workdir, host_network=host_network,
+                           resolv_conf=resolv_conf, ids=ids)
         job_id = f"{os.getpid()}-{next(self._ids):x}"
         async with self.admission:
             self.running[job_id] = spec
