@@ -33,7 +33,7 @@ class _Progress:
     def __init__(self) -> None:
         from rich.console import Console  # noqa: PLC0415
 
-        self.console = Console(stderr=True, highlight=False)
+        self.console = Console(stderr=True, highlight=False, emoji=False)
         self.status: Any = None
 
     def __enter__(self) -> _Progress:
@@ -456,6 +456,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_SANDBOX)
     except SandboxError as e:
         fail(str(e))
+    except OSError as e:  # a file named on the command line that cannot be read or written
+        where = f"{e.filename}: " if e.filename else ""
+        fail(f"{where}{e.strerror or e}")
     except KeyboardInterrupt:
         click.echo("sandbox: interrupted", err=True)
         sys.exit(130)

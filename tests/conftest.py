@@ -189,14 +189,30 @@ def shared_tmp() -> Iterator[Path]:
 # ------------------------------------------------------------------ leak checking
 
 
+def _foreign(cmdline: bytes) -> bool:
+    """A process of another checkout's `sandbox` (tests of several checkouts may run at
+    once on one machine): its command line names a venv or a spawner that is not ours."""
+    ours = str(REPO).encode()
+    return (b"/.venv/bin/" in cmdline or b"sandbox._spawner" in cmdline) and ours not in cmdline
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _our_cgroups() -> list[str]:
+    """Job cgroups (named ``<supervisor pid>-<n>``), but those of live foreign supervisors."""
     found = []
     for controller in ("memory", "pids", "cpuacct"):
         base = Path("/sys/fs/cgroup") / controller / "sandbox"
         if base.is_dir():
             for user_dir in base.iterdir():
                 if user_dir.is_dir():
-                    found += [str(p) for p in user_dir.iterdir() if p.is_dir()]
+                    found += [str(p) for p in user_dir.iterdir() if p.is_dir()
+                              and not _foreign(_cmdline(p.name.split("-")[0]))]
     return found
 
 
@@ -214,8 +230,8 @@ def _user_processes() -> list[str]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if entry.stat().st_uid == uid:
-                    out.append(f"{entry.name}: {(entry / 'cmdline').read_bytes()[:80]!r}")
+                if entry.stat().st_uid == uid and not _foreign(cmdline := _cmdline(entry.name)):
+                    out.append(f"{entry.name}: {cmdline[:80]!r}")
             except OSError:
                 continue
     return out

@@ -110,12 +110,15 @@ def save(store: Store, ref: str, out: Path, fmt: str = "oci") -> Image:
         raise ImageError(f"{out} is a directory")
     if not out.parent.is_dir():
         raise ImageError(f"{out.parent} does not exist")
-    with store.writing(), atomic_file(out) as f, \
-            tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        if fmt == "oci":
-            _save_oci(store, image, tar)
-        else:
-            _save_docker(store, image, tar)
+    try:
+        with store.writing(), atomic_file(out) as f, \
+                tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            if fmt == "oci":
+                _save_oci(store, image, tar)
+            else:
+                _save_docker(store, image, tar)
+    except OSError as e:
+        raise ImageError(f"cannot write {out}: {e.strerror or e}") from None
     return image
 
 

@@ -335,11 +335,15 @@ def _user_ids(state: _State, ins: Instruction, path: str) -> tuple[int, int] | N
     if not user:
         return None
     name, _, group = user.partition(":")
+    if name in ("root", "0") and group in ("", "root", "0"):
+        return None
     lower = state.image().lower_dirs()
     passwd = _read_db(lower, "etc/passwd")
     entry = passwd.get(name) or next((e for e in passwd.values() if e[0] == name), None)
     if name.isdigit():
         uid, gid = int(name), int(entry[1]) if entry else 0
+    elif name == "root":
+        uid, gid = 0, 0
     elif entry:
         uid, gid = int(entry[0]), int(entry[1])
     else:

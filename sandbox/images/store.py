@@ -131,9 +131,13 @@ class Image:
         return str(self.runtime.get("WorkingDir") or "")
 
     def lower_dirs(self) -> list[str]:
-        """Unpacked layer dirs for overlayfs ``lowerdir``: topmost layer first."""
-        return [str(self.store_root / "layers" / _hex(layer.diff_id))
+        """Unpacked layer dirs for overlayfs ``lowerdir``: topmost layer first. A layer that
+        appears twice (two steps that changed the same things the same way) is listed once,
+        at its topmost place: overlayfs refuses a repeated lowerdir, and the lower copy
+        cannot show anything the upper one does not shadow."""
+        dirs = [str(self.store_root / "layers" / _hex(layer.diff_id))
                 for layer in reversed(self.layers)]
+        return list(dict.fromkeys(dirs))
 
     @property
     def size(self) -> int:

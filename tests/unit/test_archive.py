@@ -173,3 +173,10 @@ def test_save_is_atomic_and_checks_its_target(store: Store, tmp_path: Path) -> N
     with pytest.raises(ImageError, match="not found"):
         archive.save(store, "nope", tmp_path / "x.tar")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tar", "store"]
+
+
+def test_unwritable_targets_are_one_line_errors(store: Store, tmp_path: Path) -> None:
+    load(store, tmp_path, oci_archive(LAYERS, "localhost/app:1"))
+    with pytest.raises(ImageError, match=r"cannot write /proc/x\.tar: ") as info:
+        archive.save(store, "app:1", Path("/proc/x.tar"))  # not even root may create it
+    assert "\n" not in str(info.value)

@@ -189,3 +189,11 @@ def test_several_processes_write_at_once(tmp_path: Path) -> None:
     for name in ("a:3", "b:14", "c:0"):
         image = store.resolve(name)
         assert all(Path(d).is_dir() for d in image.lower_dirs())
+
+
+def test_a_repeated_layer_is_mounted_once_at_its_topmost_place(store: Store) -> None:
+    same = add_layer(store, [file("same")])
+    other = add_layer(store, [file("other")])
+    image = store.commit("twice", [same, other, same], {})
+    assert image.lower_dirs() == [str(store.layer_dir(same.diff_id)),
+                                  str(store.layer_dir(other.diff_id))]
