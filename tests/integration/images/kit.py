@@ -10,6 +10,19 @@ from typing import Any
 
 from tests.conftest import Runner
 
+# A recipe of five layers (tiny's two, then three RUN steps) whose later layers delete
+# files and dirs and recreate a directory (opaque), and what a job must see of it.
+FIVE_LAYERS = """\
+FROM tiny
+RUN mkdir -p /data/keep /data/gone /data/opq && echo a > /data/keep/a && echo x > /data/keep/x \
+    && echo b > /data/gone/b && echo old > /data/opq/old && echo f > /data/file
+RUN rm -r /data/gone /data/file /data/keep/x
+RUN rm -r /data/opq && mkdir /data/opq && echo new > /data/opq/new && echo again > /data/file
+"""
+VIEW = "find /data | sort; cat /data/keep/a /data/opq/new /data/file; ls -a /data/opq"
+EXPECTED = ("/data\n/data/file\n/data/keep\n/data/keep/a\n/data/opq\n/data/opq/new\n"
+            "a\nnew\nagain\n.\n..\nnew\n")
+
 
 def store_home(runner: Runner) -> Path:
     return Path(runner.env["SANDBOX_HOME"])

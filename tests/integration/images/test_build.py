@@ -14,6 +14,9 @@ from sandbox.images.layers import remove_tree
 from tests.conftest import Runner
 from tests.integration.images.conftest import store_of
 from tests.integration.images.kit import (
+    EXPECTED,
+    FIVE_LAYERS,
+    VIEW,
     build,
     inspect,
     layer_names,
@@ -144,18 +147,6 @@ def test_host_network_shows_the_hosts_resolv_conf_but_keeps_it_out(store_runner:
     assert not any("resolv.conf" in n for n in layer_names(store_runner, top))
     r = store_runner.sh("cat /resolv.copy; ls /etc", image="dns")
     assert r["stdout"] == Path("/etc/resolv.conf").read_text()
-
-
-FIVE_LAYERS = """\
-FROM tiny
-RUN mkdir -p /data/keep /data/gone /data/opq && echo a > /data/keep/a && echo x > /data/keep/x \
-    && echo b > /data/gone/b && echo old > /data/opq/old && echo f > /data/file
-RUN rm -r /data/gone /data/file /data/keep/x
-RUN rm -r /data/opq && mkdir /data/opq && echo new > /data/opq/new && echo again > /data/file
-"""
-VIEW = "find /data | sort; cat /data/keep/a /data/opq/new /data/file; ls -a /data/opq"
-EXPECTED = ("/data\n/data/file\n/data/keep\n/data/keep/a\n/data/opq\n/data/opq/new\n"
-            "a\nnew\nagain\n.\n..\nnew\n")
 
 
 def test_a_job_sees_exactly_the_merged_view_of_five_built_layers(store_runner: Runner,
