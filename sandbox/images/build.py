@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .. import config
-from ..errors import ImageError
+from ..errors import ImageError, SpecError
 from ..spec import JobSpec, Status
 from . import layers, recipe
 from .recipe import Instruction, RecipeError
@@ -311,7 +311,7 @@ async def _from(sup: Supervisor, state: _State, cache: _Cache, ins: Instruction,
         return False
     try:
         base = await sup.image(name)
-    except ImageError as e:
+    except (ImageError, SpecError) as e:
         raise RecipeError(path, ins.line, str(e)) from None
     state.layers = list(base.layers)
     state.runtime = dict(base.runtime)

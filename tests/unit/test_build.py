@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 
+from sandbox.errors import ImageError
 from sandbox.images import build
 from sandbox.images.store import Image, Store
 from sandbox.supervisor.core import Supervisor
@@ -64,3 +66,11 @@ def test_step_output_and_cache_hits_and_misses(tmp_path: Path) -> None:
 
     _, lines = run_build(ctx, store, no_cache=True)
     assert "CACHED" not in steps(lines)
+
+
+def test_a_missing_base_image_names_the_line(tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Sandboxfile").write_text("FROM no-such-image\n")
+    with pytest.raises(ImageError, match=r"Sandboxfile:1: image 'no-such-image' not found"):
+        run_build(ctx, Store(tmp_path / "store"))
