@@ -16,10 +16,12 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "JobSpec": "spec", "Limits": "spec", "File": "spec", "Result": "spec", "Status": "spec",
-    "SandboxError": "errors",
+    "SandboxError": "errors", "Client": "client", "AsyncClient": "client",
 }
 
 if TYPE_CHECKING:
+    from .client import AsyncClient as AsyncClient
+    from .client import Client as Client
     from .errors import SandboxError as SandboxError
     from .spec import File as File
     from .spec import JobSpec as JobSpec

@@ -8,7 +8,9 @@ init's pid, its pidfd and one end of a socketpair to talk to it. It never runs P
 of the supervisor's (trio, msgpack and friends are never imported here) and it is never a
 fork of a multi-threaded process.
 
-Requests (JSON over SOCK_SEQPACKET, see `jail.wire`)::
+Requests (JSON over SOCK_SEQPACKET, see `jail.wire`); descriptors sent with a spawn request
+(the job cgroup's ``cgroup.procs`` files) are inherited by the init, which joins the cgroup
+itself (`JoinCgroup`), so the slow cgroup migration never blocks the supervisor::
 
     {"id": N, "op": "spawn", "flags": CLONE_FLAGS, "prepare": [ops...],
      "idmap": null | {"uid": [[inside, outside, count], ...], "gid": [...], "direct": bool}}
@@ -49,7 +51,8 @@ def _write_idmaps(pid: int, idmap: dict[str, list[list[int]]]) -> None:
             raise OSError(f"{tool} failed: {detail[0]}")
 
 
-def _spawn(ctl: socket.socket, msg: dict[str, object], lifeline: tuple[int, int]) -> None:
+def _spawn(ctl: socket.socket, msg: dict[str, object], lifeline: tuple[int, int],
+           fds: list[int]) -> None:
     prepare = ops.decode(msg["prepare"])  # type: ignore[arg-type]
     flags = int(msg["flags"])  # type: ignore[call-overload]
     idmap = msg.get("idmap")
@@ -61,7 +64,7 @@ def _spawn(ctl: socket.socket, msg: dict[str, object], lifeline: tuple[int, int]
             parent_end.close()
             if idmap_w >= 0:
                 os.close(idmap_w)
-            init.run(child_end, prepare, lifeline, idmap_r)
+            init.run(child_end, prepare, lifeline, idmap_r, fds)
         try:
             if idmap:
                 ok = b"0"
@@ -92,19 +95,20 @@ def main(ctl_fd: int) -> None:
     lifeline = os.pipe()
     while True:
         msg, fds = wire.recv(ctl)
-        for fd in fds:
-            os.close(fd)
         if msg is None:
             return
         try:
             if msg.get("op") == "spawn":
-                _spawn(ctl, msg, lifeline)
+                _spawn(ctl, msg, lifeline, fds)
             elif msg.get("op") == "ping":
                 wire.send(ctl, {"id": msg.get("id"), "pong": os.getpid()})
             else:
                 wire.send(ctl, {"id": msg.get("id"), "error": f"unknown op {msg.get('op')!r}"})
         except (OSError, ValueError, KeyError, TypeError) as exc:
             wire.send(ctl, {"id": msg.get("id"), "error": str(exc)})
+        finally:
+            for fd in fds:  # the init got its copies (its cgroup.procs files)
+                os.close(fd)
 
 
 if __name__ == "__main__":

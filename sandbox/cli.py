@@ -58,7 +58,7 @@ class _Progress:
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     if value is None:
         return None
-    from .spec import parse_size  # noqa: PLC0415
+    from .units import parse_size  # noqa: PLC0415
 
     try:
         return parse_size(value)
@@ -69,7 +69,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 def _seconds(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     if value is None:
         return None
-    from .spec import parse_seconds  # noqa: PLC0415
+    from .units import parse_seconds  # noqa: PLC0415
 
     try:
         return parse_seconds(value)
@@ -148,10 +148,9 @@ def exec_cmd(image: str, profile: str, time_: float | None, wall_time: float | N
             result = run_job(spec, on_output=stream, on_progress=progress)
     except SandboxError as e:
         if as_json:  # scripts still get their one object
-            click.echo(json.dumps({"status": "internal_error", "exit_code": None,
-                                   "signal": None, "cpu_time": 0.0, "wall_time": 0.0,
-                                   "memory": 0, "stdout": "", "stderr": "",
-                                   "message": str(e)}))
+            from .verdict import internal_error  # noqa: PLC0415
+
+            click.echo(json.dumps(internal_error(str(e))))
         fail(str(e))
     if as_json:
         click.echo(json.dumps(result.to_json()))
@@ -417,6 +416,68 @@ def profile_show(name: str, bpf: bool) -> None:
         click.echo(pfc(profile.seccomp))
 
 
+# ---------------------------------------------------------------------------- daemon
+
+
+@cli.command("daemon")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path),
+              help="Unix socket (default: $XDG_RUNTIME_DIR/sandbox/sandbox.sock).")
+@click.option("--pool", "pool_size", type=click.IntRange(0, 1024), default=4,
+              show_default=True, help="Warm sandboxes kept ready per image and profile.")
+@click.option("--warm", multiple=True, metavar="IMAGE[@PROFILE]",
+              help="Fill the pool for this image at start (repeatable).")
+@click.option("--max-running", type=click.IntRange(1, 100000),
+              help="Jobs running at once (default: the number of CPUs); the rest queue.")
+@click.option("--max-queued", type=click.IntRange(0, 1000000), default=4096,
+              show_default=True)
+@click.option("--max-jobs-per-connection", type=click.IntRange(1, 1000000), default=1024,
+              show_default=True)
+@click.option("--max-message", callback=_size, default="64M", show_default=True,
+              help="Largest protocol message accepted.")
+@click.option("--idle-timeout", type=float, metavar="SECONDS",
+              help="Exit after this long with no client and no job.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+def daemon_cmd(socket_path: Path | None, pool_size: int, warm: tuple[str, ...],
+               max_running: int | None, max_queued: int, max_jobs_per_connection: int,
+               max_message: int, idle_timeout: float | None, log_level: str) -> None:
+    """Serve the supervisor on a unix socket; `sandbox exec` and the Python API use it
+    when it runs (SIGTERM stops it cleanly)."""
+    from .server import DaemonConfig, run_daemon  # noqa: PLC0415
+
+    cfg = DaemonConfig(pool_size=pool_size, max_queued=max_queued,
+                       max_jobs_per_connection=max_jobs_per_connection,
+                       max_message=max_message, idle_timeout=idle_timeout, warm=warm)
+    if socket_path is not None:
+        cfg.socket_path = socket_path.absolute()
+    if max_running is not None:
+        cfg.max_running = max_running
+    run_daemon(cfg, log_level)
+
+
+@cli.command("ps")
+@click.option("--json", "as_json", is_flag=True)
+def ps_cmd(as_json: bool) -> None:
+    """Show the daemon's running and queued jobs, its limits and its warm pool."""
+    from .client import Client  # noqa: PLC0415
+
+    with Client(mode="daemon") as client:
+        jobs = client.list_jobs()
+    if as_json:
+        click.echo(json.dumps(jobs))
+        return
+    limits, pool = jobs["limits"], jobs["pool"]
+    click.echo(f"running {len(jobs['running'])}/{limits['max_running']}, queued "
+               f"{len(jobs['queued'])}/{limits['max_queued']}, warm sandboxes "
+               f"{pool.get('idle', 0)} (hits {pool.get('warm_hits', 0)}, cold "
+               f"{pool.get('cold_starts', 0)})")
+    for state in ("running", "queued"):
+        for j in jobs[state]:
+            click.echo(f"{j['id']:16} {state:8} {j['owner']:5} {j['image']:24} "
+                       f"{j['running'] if state == 'running' else j['waiting']:>8.3f}s  "
+                       f"{j['command']}")
+
+
 # ---------------------------------------------------------------------------- host
 
 
@@ -456,9 +517,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_SANDBOX)
     except SandboxError as e:
         fail(str(e))
-    except OSError as e:  # a file named on the command line that cannot be read or written
-        where = f"{e.filename}: " if e.filename else ""
-        fail(f"{where}{e.strerror or e}")
+    except OSError as e:  # an environment problem we did not foresee: still one line
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        fail(f"{e.strerror or e}{where}")
     except KeyboardInterrupt:
         click.echo("sandbox: interrupted", err=True)
         sys.exit(130)

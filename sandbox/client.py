@@ -1,17 +1,202 @@
-"""Clients of the supervisor: `run_job` for the CLI (embedded supervisor for now)."""
+"""Clients of the supervisor.
+
+* `Client`: blocking, for scripts and judges. It talks to a running daemon; where none
+  runs it runs the supervisor in-process (slower to start, same results).
+* `AsyncClient`: for trio programs; many jobs at once over one connection.
+
+Both speak `protocol.py` over the daemon's unix socket. Importing this module costs only
+msgpack and the socket module: trio is imported only for the in-process fallback.
+
+    from sandbox import Client, JobSpec, Limits
+    with Client() as client:
+        result = client.run(JobSpec(image="py3", argv=["python3", "-c", "print(6 * 7)"],
+                                    limits=Limits(time=1, memory="256M")))
+    print(result.status, result.stdout)
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
+from . import __version__, runtime
+from .errors import DaemonError, SandboxError
+from .protocol import (
+    PROTOCOL_VERSION,
+    CancelJob,
+    Connection,
+    ErrorReply,
+    Event,
+    GetVersion,
+    Hello,
+    JobFinished,
+    JobList,
+    ListJobs,
+    Output,
+    Ping,
+    Pong,
+    Progress,
+    RunJob,
+    StdinData,
+    VersionInfo,
+    Welcome,
+)
 from .spec import JobSpec, Result
 
+if TYPE_CHECKING:
+    import trio
+
 OutputSink = Callable[[str, bytes], None]
+ProgressSink = Callable[[str], None]
 
 
-def run_job(spec: JobSpec, *, on_output: OutputSink | None = None,
-            on_progress: Callable[[str], None] | None = None) -> Result:
-    """Run ``spec`` to completion, streaming output to ``on_output`` as it arrives."""
+def socket_path() -> Path:
+    """The daemon's socket: ``$SANDBOX_SOCKET``, else ``$XDG_RUNTIME_DIR/sandbox/sandbox.sock``
+    (``/tmp/sandbox-UID/sandbox.sock`` without XDG_RUNTIME_DIR)."""
+    return Path(runtime.socket_path())
+
+
+def _finished(event: JobFinished) -> Result:
+    return Result.from_dict(event.result)
+
+
+class Client:
+    """A blocking client. ``Client()`` connects to the daemon if one runs (``mode="auto"``),
+    else runs jobs in-process; ``mode="daemon"`` insists on a daemon, ``mode="embedded"``
+    never uses one. One job at a time per `Client` (use several, or `AsyncClient`)."""
+
+    def __init__(self, path: Path | str | None = None, *, mode: str = "auto",
+                 timeout: float | None = None) -> None:
+        if mode not in ("auto", "daemon", "embedded"):
+            raise ValueError(f"mode must be auto, daemon or embedded, not {mode!r}")
+        self.path = Path(path) if path else socket_path()
+        self._sock: socket.socket | None = None
+        self._conn: Connection | None = None
+        self._ids = itertools.count(1)
+        self.limits: dict[str, int] = {}
+        if mode != "embedded":
+            try:
+                self._connect(timeout)
+            except DaemonError:
+                if mode == "daemon":
+                    raise
+
+    @property
+    def embedded(self) -> bool:
+        """True when jobs run in this process (no daemon reachable)."""
+        return self._sock is None
+
+    def _connect(self, timeout: float | None) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(str(self.path))
+        except OSError as e:
+            sock.close()
+            raise DaemonError(f"no daemon at {self.path} ({e.strerror or e})") from None
+        self._sock = sock
+        self._conn = Connection("client")
+        self._write(Hello(PROTOCOL_VERSION, f"sandbox-client {__version__}"))
+        welcome = self._read()
+        if not isinstance(welcome, Welcome):
+            self.close()
+            raise DaemonError("the daemon did not answer the handshake")
+        self.limits = dict(welcome.limits)
+
+    def _write(self, event: Event) -> None:
+        assert self._sock is not None and self._conn is not None
+        try:
+            self._sock.sendall(self._conn.send(event))
+        except OSError as e:
+            raise DaemonError(f"lost the daemon: {e.strerror or e}") from None
+
+    def _read(self) -> Event:
+        assert self._sock is not None and self._conn is not None
+        while (event := self._conn.next_event()) is None:
+            try:
+                data = self._sock.recv(1 << 16)
+            except OSError as e:
+                raise DaemonError(f"lost the daemon: {e.strerror or e}") from None
+            if not data:
+                raise DaemonError("the daemon closed the connection")
+            self._conn.receive_data(data)
+        if isinstance(event, ErrorReply) and event.fatal:
+            raise DaemonError(f"the daemon refused: {event.message}")
+        return event
+
+    def run(self, spec: JobSpec, *, on_output: OutputSink | None = None,
+            on_progress: ProgressSink | None = None) -> Result:
+        """Run ``spec`` to completion; ``on_output(stream, chunk)`` sees output as it comes."""
+        if self._sock is None:
+            return run_embedded(spec, on_output=on_output, on_progress=on_progress)
+        job_id = next(self._ids)
+        self._write(RunJob(job_id, spec.to_dict(), stream_output=on_output is not None))
+        while True:
+            event = self._read()
+            match event:
+                case Output(stream=stream, data=data) if on_output is not None:
+                    on_output(stream, data)
+                case Progress(line=line) if on_progress is not None:
+                    on_progress(line)
+                case JobFinished():
+                    return _finished(event)
+                case ErrorReply(message=message):
+                    raise SandboxError(message)
+                case _:
+                    continue
+
+    def _request(self, event: Event, reply: type[Event]) -> Any:
+        if self._sock is None:
+            raise DaemonError("no daemon is running")
+        self._write(event)
+        while True:
+            answer = self._read()
+            if isinstance(answer, reply):
+                return answer
+            if isinstance(answer, ErrorReply):
+                raise SandboxError(answer.message)
+
+    def list_jobs(self) -> dict[str, Any]:
+        """Running and queued jobs, the daemon's limits and its pool."""
+        jobs: JobList = self._request(ListJobs(next(self._ids)), JobList)
+        return {"running": jobs.running, "queued": jobs.queued, "limits": jobs.limits,
+                "pool": jobs.pool}
+
+    def ping(self) -> float:
+        """Round-trip time to the daemon, in seconds."""
+        t = time.perf_counter()
+        self._request(Ping(next(self._ids)), Pong)
+        return time.perf_counter() - t
+
+    def version(self) -> dict[str, Any]:
+        info: VersionInfo = self._request(GetVersion(next(self._ids)), VersionInfo)
+        return {"version": info.version, "protocol": info.protocol}
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def run_embedded(spec: JobSpec, *, on_output: OutputSink | None = None,
+                 on_progress: ProgressSink | None = None) -> Result:
+    """Run one job with a supervisor in this process (what the CLI does without a daemon)."""
     import trio  # noqa: PLC0415 - clients of a daemon never pay for trio
 
     from .supervisor.core import Supervisor  # noqa: PLC0415
@@ -25,3 +210,182 @@ def run_job(spec: JobSpec, *, on_output: OutputSink | None = None,
             return await sup.run(spec, forward if on_output else None)
 
     return trio.run(main)
+
+
+def start_daemon(path: Path, idle_timeout: float = 300.0, wait: float = 10.0) -> None:
+    """Start `sandbox daemon` in the background (its own session, logging to a file next to
+    the socket) and wait until it accepts connections."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log = open(path.parent / "daemon.log", "ab")  # noqa: SIM115 - handed to the child
+    with log:
+        subprocess.Popen([sys.executable, "-m", "sandbox", "daemon", "--socket", str(path),
+                          "--idle-timeout", str(idle_timeout)], stdin=subprocess.DEVNULL,
+                         stdout=log, stderr=log, start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        with contextlib.suppress(DaemonError):
+            Client(path, mode="daemon").close()
+            return
+        time.sleep(0.02)
+    raise DaemonError(f"the daemon did not start (see {path.parent / 'daemon.log'})")
+
+
+def run_job(spec: JobSpec, *, on_output: OutputSink | None = None,
+            on_progress: ProgressSink | None = None) -> Result:
+    """What `sandbox exec` does: use the daemon when one runs, else run in-process.
+    ``SANDBOX_DAEMON=never`` always runs in-process; ``=start`` starts a daemon (which exits
+    after 5 idle minutes) when none runs."""
+    choice = os.environ.get("SANDBOX_DAEMON", "auto")
+    if choice not in ("auto", "never", "start"):
+        raise SandboxError(f"SANDBOX_DAEMON must be auto, never or start, not {choice!r}")
+    if choice == "never":
+        return run_embedded(spec, on_output=on_output, on_progress=on_progress)
+    path = socket_path()
+    if choice == "start" and not path.exists():
+        start_daemon(path)
+    with Client(path, mode="daemon" if choice == "start" else "auto") as client:
+        return client.run(spec, on_output=on_output, on_progress=on_progress)
+
+
+class AsyncClient:
+    """A trio client: run many jobs concurrently over one connection.
+
+        async with AsyncClient() as client:
+            async with trio.open_nursery() as n:
+                for spec in specs:
+                    n.start_soon(client.run, spec)
+    """
+
+    def __init__(self, path: Path | str | None = None) -> None:
+        self.path = Path(path) if path else socket_path()
+        self._conn = Connection("client")
+        self._ids = itertools.count(1)
+        self._waiters: dict[int, Any] = {}
+        self._stack = contextlib.AsyncExitStack()
+        self._stream: trio.SocketStream | None = None
+        self._lock: trio.Lock | None = None
+        self.limits: dict[str, int] = {}
+
+    async def __aenter__(self) -> AsyncClient:
+        import trio  # noqa: PLC0415
+
+        try:
+            self._stream = await trio.open_unix_socket(str(self.path))
+        except OSError as e:
+            raise DaemonError(f"no daemon at {self.path} ({e.strerror or e})") from None
+        await self._stack.enter_async_context(self._stream)
+        self._lock = trio.Lock()
+        await self._send(Hello(PROTOCOL_VERSION, f"sandbox-async-client {__version__}"))
+        welcome = await self._next()
+        if not isinstance(welcome, Welcome):
+            raise DaemonError("the daemon did not answer the handshake")
+        self.limits = dict(welcome.limits)
+        nursery = await self._stack.enter_async_context(trio.open_nursery())
+        nursery.start_soon(self._reader)
+        self._nursery = nursery
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self._nursery.cancel_scope.cancel()
+        await self._stack.aclose()
+
+    async def _send(self, event: Event) -> None:
+        import trio  # noqa: PLC0415
+
+        assert self._stream is not None and self._lock is not None
+        async with self._lock:
+            try:
+                await self._stream.send_all(self._conn.send(event))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                raise DaemonError(f"lost the daemon: {e}") from None
+
+    async def _next(self) -> Event | None:
+        assert self._stream is not None
+        while (event := self._conn.next_event()) is None:
+            data = await self._stream.receive_some(1 << 16)
+            if not data:
+                return None
+            self._conn.receive_data(data)
+        return event
+
+    async def _reader(self) -> None:
+        while True:
+            event = await self._next()
+            if event is None or (isinstance(event, ErrorReply) and event.fatal):
+                for send in self._waiters.values():
+                    send.close()
+                self._waiters.clear()
+                return
+            send = self._waiters.get(getattr(event, "id", -1))
+            if send is not None:
+                await send.send(event)
+
+    def _subscribe(self, job_id: int) -> Any:
+        import trio  # noqa: PLC0415
+
+        send, receive = trio.open_memory_channel[Event](float("inf"))
+        self._waiters[job_id] = send
+        return receive
+
+    async def run(self, spec: JobSpec, *, on_output: Callable[[str, bytes], Any] | None = None,
+                  stdin: AsyncIterator[bytes] | None = None) -> Result:
+        """Run ``spec``; ``on_output`` may be sync or async. ``stdin``, if given, is an async
+        iterator of chunks streamed to the job's stdin as it runs. Cancelling the call
+        cancels the job."""
+        import inspect  # noqa: PLC0415
+
+        import trio  # noqa: PLC0415
+
+        job_id = next(self._ids)
+        receive = self._subscribe(job_id)
+        outcome: Result | SandboxError = DaemonError("the daemon closed the connection")
+        done = False
+        try:
+            await self._send(RunJob(job_id, spec.to_dict(), stream_output=on_output is not None,
+                                    stdin_stream=stdin is not None))
+            async with receive, trio.open_nursery() as nursery:
+                if stdin is not None:
+                    nursery.start_soon(self._pump_stdin, job_id, stdin)
+                async for event in receive:
+                    if isinstance(event, Output) and on_output is not None:
+                        shown = on_output(event.stream, event.data)
+                        if inspect.isawaitable(shown):
+                            await shown
+                    elif isinstance(event, JobFinished | ErrorReply):
+                        done = True
+                        outcome = (_finished(event) if isinstance(event, JobFinished)
+                                   else SandboxError(event.message))
+                        nursery.cancel_scope.cancel()
+                        break
+        finally:
+            self._waiters.pop(job_id, None)
+            if not done:
+                with trio.CancelScope(shield=True), contextlib.suppress(DaemonError):
+                    await self._send(CancelJob(job_id))
+        if isinstance(outcome, SandboxError):
+            raise outcome
+        return outcome
+
+    async def _pump_stdin(self, job_id: int, chunks: AsyncIterator[bytes]) -> None:
+        async for chunk in chunks:
+            await self._send(StdinData(job_id, chunk))
+        await self._send(StdinData(job_id, b"", eof=True))
+
+    async def cancel(self, job_id: int) -> None:
+        await self._send(CancelJob(job_id))
+
+    async def list_jobs(self) -> dict[str, Any]:
+        job_id = next(self._ids)
+        receive = self._subscribe(job_id)
+        try:
+            await self._send(ListJobs(job_id))
+            async with receive:
+                async for answer in receive:
+                    if isinstance(answer, JobList):
+                        return {"running": answer.running, "queued": answer.queued,
+                                "limits": answer.limits, "pool": answer.pool}
+                    break
+        finally:
+            self._waiters.pop(job_id, None)
+        raise DaemonError("unexpected answer to list")

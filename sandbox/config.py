@@ -38,9 +38,9 @@ def runtime_dir() -> Path:
     """Per-user runtime state (the daemon socket, the sandboxes' mount point):
     ``$XDG_RUNTIME_DIR/sandbox``, else ``/tmp/sandbox-UID``. Created 0700 and checked to be
     ours, since other users may share /tmp."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    path = Path(base) / "sandbox" if base and os.path.isdir(base) else Path(
-        f"/tmp/sandbox-{os.getuid()}")
+    from .runtime import runtime_dir_path  # noqa: PLC0415
+
+    path = Path(runtime_dir_path())
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = path.lstat()
     if st.st_uid != os.getuid() or not path.is_dir() or path.is_symlink():
@@ -75,6 +75,6 @@ def max_layer_bytes() -> int:
     value = os.environ.get("SANDBOX_MAX_LAYER_SIZE")
     if not value:
         return DEFAULT_MAX_LAYER_SIZE
-    from .spec import parse_size  # noqa: PLC0415
+    from .units import parse_size  # noqa: PLC0415
 
     return parse_size(value)

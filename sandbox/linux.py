@@ -128,11 +128,20 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     return _check(_libc.prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
 
 
-def close_range(first: int, last: int = 0xFFFFFFFF) -> None:
-    """Close every descriptor from ``first`` to ``last`` (inclusive)."""
+def close_range(first: int, last: int = 0xFFFFFFFF, *, cloexec: bool = False) -> None:
+    """Close (or, with ``cloexec``, mark close-on-exec) every descriptor from ``first`` to
+    ``last`` inclusive."""
+    flags = 4 if cloexec else 0  # CLOSE_RANGE_CLOEXEC
     if _libc.syscall(NR["close_range"], ctypes.c_uint(first), ctypes.c_uint(last),
-                     ctypes.c_uint(0)) < 0:
-        os.closerange(first, 1 << 20)  # kernels before 5.9
+                     ctypes.c_uint(flags)) < 0:
+        if cloexec:  # kernels before 5.11
+            for fd in range(first, min(last, 1 << 16) + 1):
+                try:
+                    os.set_inheritable(fd, False)
+                except OSError:
+                    continue
+        else:  # kernels before 5.9
+            os.closerange(first, min(last, 1 << 20) + 1)
 
 
 class _CapHeader(ctypes.Structure):

@@ -14,7 +14,8 @@ from typing import Any
 
 from . import config
 from .errors import ProfileError, SpecError
-from .spec import Limits, parse_size
+from .spec import Limits
+from .units import parse_size
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _RLIMIT_NAMES = {"core", "cpu", "fsize", "nofile", "stack", "nproc", "memlock", "msgqueue", "as"}

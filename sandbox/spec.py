@@ -7,63 +7,14 @@ JSON) and back. Nothing here does I/O.
 from __future__ import annotations
 
 import enum
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from . import verdict
 from .errors import SpecError
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(value: str | int) -> int:
-    """Parse a size such as ``512``, ``64K``, ``256M``, ``1.5G`` or ``2GiB`` into bytes."""
-    if isinstance(value, bool):
-        raise SpecError(f"invalid size {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise SpecError(f"invalid size {value}: must not be negative")
-        return value
-    m = _SIZE_RE.match(value)
-    if not m:
-        raise SpecError(f"invalid size {value!r}: expected a number with an optional K, M or G")
-    number, unit = float(m.group(1)), m.group(2).lower()
-    return int(number * _UNITS[unit])
-
-
-def parse_seconds(value: str | float | int) -> float:
-    """Parse a duration in seconds: ``2``, ``0.5``, ``1.5s``, ``500ms``."""
-    if isinstance(value, bool):
-        raise SpecError(f"invalid duration {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        text = value.strip().lower()
-        scale = 1.0
-        if text.endswith("ms"):
-            text, scale = text[:-2], 0.001
-        elif text.endswith("s"):
-            text = text[:-1]
-        try:
-            seconds = float(text) * scale
-        except ValueError:
-            raise SpecError(
-                f"invalid duration {value!r}: expected seconds, e.g. 2 or 0.5") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise SpecError(f"invalid duration {value!r}: must be a positive number of seconds")
-    return seconds
-
-
-def format_size(n: int) -> str:
-    """Render bytes compactly (``256M``)."""
-    for unit in ("T", "G", "M", "K"):
-        scale = _UNITS[unit.lower()]
-        if n >= scale and n % scale == 0:
-            return f"{n // scale}{unit}"
-    return str(n)
+from .units import parse_seconds, parse_size
 
 
 class Status(enum.StrEnum):
@@ -267,26 +218,12 @@ class Result:
 
     @property
     def cli_exit_code(self) -> int:
-        """The exit code `sandbox exec` returns for this result."""
-        if self.status is Status.INTERNAL_ERROR:
-            return 125
-        if self.signal is not None:
-            return 128 + self.signal
-        return self.exit_code if self.exit_code is not None else 125
+        """The exit code `sandbox exec` returns (see `verdict.cli_exit_code`)."""
+        return verdict.cli_exit_code(self.to_dict())
 
     def summary(self) -> str:
         """A one-line human summary (printed by the CLI when the status is not ``ok``)."""
-        what = {
-            Status.OK: "ok",
-            Status.NONZERO_EXIT: f"exited with code {self.exit_code}",
-            Status.SIGNALED: f"killed by signal {self.signal}",
-            Status.TIME_LIMIT: "time limit exceeded",
-            Status.MEMORY_LIMIT: "memory limit exceeded",
-            Status.OUTPUT_LIMIT: "output limit exceeded",
-            Status.INTERNAL_ERROR: f"internal error: {self.message}",
-        }[self.status]
-        return (f"sandbox: {what} (cpu {self.cpu_time:.3f}s, wall {self.wall_time:.3f}s, "
-                f"memory {format_size(self.memory) if self.memory else 0})")
+        return verdict.summary(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         """Wire form (msgpack): bytes stay bytes."""
@@ -295,13 +232,7 @@ class Result:
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` object: output decoded as UTF-8 with invalid bytes replaced."""
-        d = self.to_dict()
-        d["stdout"] = self.stdout.decode("utf-8", "replace")
-        d["stderr"] = self.stderr.decode("utf-8", "replace")
-        d["cpu_time"] = round(self.cpu_time, 6)
-        d["wall_time"] = round(self.wall_time, 6)
-        d["setup_time"] = round(self.setup_time, 6)
-        return d
+        return verdict.json_view(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Result:

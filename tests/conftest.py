@@ -89,10 +89,15 @@ def _ensure_image(runner: Runner, name: str) -> None:
     runner.run(["image", "build", name], timeout=900, check=True)
 
 
+# Runners use the embedded supervisor unless a test points them at a daemon it started: a
+# daemon the developer left running (perhaps older code) must not answer for the tests.
+NO_DAEMON = {"SANDBOX_SOCKET": "/nonexistent/sandbox-tests.sock"}
+
+
 @pytest.fixture(scope="session")
 def root_runner() -> Runner:
     """The CLI as the user running the tests (root in CI), with its default image store."""
-    runner = Runner(None, Path.home())
+    runner = Runner(None, Path.home(), env=dict(NO_DAEMON))
     _ensure_image(runner, "busybox")
     return runner
 
@@ -125,7 +130,8 @@ def user_runner() -> Runner:
                    capture_output=True)
     home = Path(pw.pw_dir)
     env = {"HOME": str(home), "USER": TEST_USER, "LOGNAME": TEST_USER,
-           "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8"}
+           "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8",
+           **NO_DAEMON}
     if store := os.environ.get("SANDBOX_TEST_USER_HOME"):  # a store of its own per checkout
         env["SANDBOX_HOME"] = store
     runner = Runner(TEST_USER, home, env=env)
@@ -189,30 +195,24 @@ def shared_tmp() -> Iterator[Path]:
 # ------------------------------------------------------------------ leak checking
 
 
-def _foreign(cmdline: bytes) -> bool:
-    """A process of another checkout's `sandbox` (tests of several checkouts may run at
-    once on one machine): its command line names a venv or a spawner that is not ours."""
-    ours = str(REPO).encode()
-    return (b"/.venv/bin/" in cmdline or b"sandbox._spawner" in cmdline) and ours not in cmdline
+@pytest.fixture(scope="session", autouse=True)
+def _subreaper() -> None:
+    """Make the test process a child subreaper: any process our tests start that outlives
+    its parent (a leaked job, a stray daemon) is reparented to us and shows up as our child,
+    whoever else is running sandboxes on this machine."""
+    from sandbox import linux
+
+    linux.prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
 
 
-def _cmdline(pid: str) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _our_cgroups() -> list[str]:
-    """Job cgroups (named ``<supervisor pid>-<n>``), but those of live foreign supervisors."""
+def _stale_cgroups() -> list[str]:
+    """Job cgroups (``<supervisor pid>-<n>``) whose supervisor is gone: a leak."""
     found = []
     for controller in ("memory", "pids", "cpuacct"):
-        base = Path("/sys/fs/cgroup") / controller / "sandbox"
-        if base.is_dir():
-            for user_dir in base.iterdir():
-                if user_dir.is_dir():
-                    found += [str(p) for p in user_dir.iterdir() if p.is_dir()
-                              and not _foreign(_cmdline(p.name.split("-")[0]))]
+        for path in Path(f"/sys/fs/cgroup/{controller}/sandbox").glob("*/*-*"):
+            pid = path.name.split("-")[0]
+            if path.is_dir() and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                found.append(str(path))
     return found
 
 
@@ -221,48 +221,40 @@ def _sandbox_mounts() -> list[str]:
     return [line for line in lines if " - overlay " in line or "/sandbox-" in line.split()[4]]
 
 
-def _user_processes() -> list[str]:
-    try:
-        uid = pwd.getpwnam(TEST_USER).pw_uid
-    except KeyError:
-        return []
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if entry.stat().st_uid == uid and not _foreign(cmdline := _cmdline(entry.name)):
-                    out.append(f"{entry.name}: {cmdline[:80]!r}")
-            except OSError:
-                continue
-    return out
-
-
 def _children() -> list[str]:
+    """Our children after reaping the ones that exited."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
     me = str(os.getpid())
     out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                stat = (entry / "stat").read_text()
+                fields = stat.rsplit(")", 1)[1].split()
             except OSError:
                 continue
             if fields[1] == me:
-                out.append(entry.name)
+                cmd = (entry / "cmdline").read_bytes()[:100].replace(b"\0", b" ")
+                out.append(f"{entry.name} {cmd.decode(errors='replace')}")
     return out
 
 
 @pytest.fixture
 def no_leaks() -> Iterator[None]:
-    """Fail the test if it left a cgroup, a mount, a process or a child behind."""
-    before = set(_our_cgroups())
+    """Fail the test if it left a cgroup, a mount or a process behind."""
     yield
     import time
 
     for _ in range(50):  # cleanup of the last job may still be finishing
-        leaked = (set(_our_cgroups()) - before, _sandbox_mounts(), _user_processes(),
-                  _children())
+        leaked = (_stale_cgroups(), _sandbox_mounts(), _children())
         if not any(leaked):
             return
         time.sleep(0.1)
-    raise AssertionError(f"left behind: cgroups={sorted(leaked[0])} mounts={leaked[1]} "
-                         f"test-user processes={leaked[2]} children={leaked[3]}")
+    raise AssertionError(f"left behind: cgroups={leaked[0]} mounts={leaked[1]} "
+                         f"processes={leaked[2]}")

@@ -60,20 +60,26 @@ class V1Cgroup:
         for d in self.dirs.values():
             _write(d / "cgroup.procs", str(pid))
 
+    def procs_files(self) -> list[str]:
+        """One ``cgroup.procs`` per controller: a process joins by writing 0 to each."""
+        return [str(d / "cgroup.procs") for d in self.dirs.values()]
+
     def cpu_time(self) -> float:
         return _read_int(self.dirs["cpuacct"] / "cpuacct.usage") / 1e9
+
+    def oom_killed(self) -> bool:
+        for line in (self.dirs["memory"] / "memory.oom_control").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value) > 0
+        return False
 
     def stats(self) -> Stats:
         mem = self.dirs["memory"]
         peak_file = ("memory.memsw.max_usage_in_bytes" if self.swap_accounted
                      else "memory.max_usage_in_bytes")
-        oom = 0
-        for line in (mem / "memory.oom_control").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                oom = int(value)
         return Stats(cpu_time=self.cpu_time(), memory_peak=_read_int(mem / peak_file),
-                     oom_killed=oom > 0)
+                     oom_killed=self.oom_killed())
 
     def pids(self) -> list[int]:
         out: set[int] = set()

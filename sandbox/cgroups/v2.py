@@ -60,15 +60,20 @@ class V2Cgroup:
     def add(self, pid: int) -> None:
         _write(self.path / "cgroup.procs", str(pid))
 
+    def procs_files(self) -> list[str]:
+        return [str(self.path / "cgroup.procs")]
+
     def cpu_time(self) -> float:
         return _keyed(self.path / "cpu.stat").get("usage_usec", 0) / 1e6
+
+    def oom_killed(self) -> bool:
+        return _keyed(self.path / "memory.events").get("oom_kill", 0) > 0
 
     def stats(self) -> Stats:
         peak = 0
         with contextlib.suppress(FileNotFoundError, ValueError):
             peak = int((self.path / "memory.peak").read_text())
-        oom = _keyed(self.path / "memory.events").get("oom_kill", 0)
-        return Stats(cpu_time=self.cpu_time(), memory_peak=peak, oom_killed=oom > 0)
+        return Stats(cpu_time=self.cpu_time(), memory_peak=peak, oom_killed=self.oom_killed())
 
     def pids(self) -> list[int]:
         with contextlib.suppress(FileNotFoundError):

@@ -21,9 +21,8 @@ from .ops import (
     BindMount,
     Chdir,
     ClearCapabilities,
-    CloseFds,
     DropBoundingSet,
-    Exec,
+    JoinCgroup,
     LoopbackUp,
     MakeDir,
     MakeRootPrivate,
@@ -31,18 +30,16 @@ from .ops import (
     MountOverlay,
     MountProc,
     MountTmpfs,
-    NewSession,
     NoNewPrivs,
     Op,
     PivotRoot,
     Remount,
-    ResetSignals,
     Seccomp,
     SetHostname,
     SetIdMap,
     SetIds,
     SetRlimits,
-    Stdio,
+    Spawn,
     Symlink,
     UnshareCgroupNamespace,
     WriteFile,
@@ -59,19 +56,20 @@ _RLIMITS = {
 
 @dataclass(slots=True)
 class Context:
-    """What an op may need besides itself: the go message's descriptors, the pipe on which
-    the spawner confirms the id maps, and a descriptor `CloseFds` must spare (the
-    close-on-exec pipe that reports a failed set-up)."""
+    """What an op may need besides itself: the go message's descriptors and the pipe on
+    which the spawner confirms the id maps."""
 
     fds: Sequence[int] = ()
     idmap_fd: int = -1
-    keep_fd: int = -1
 
 
-def apply(op: Op, ctx: Context) -> None:
-    """Carry out ``op``."""
+def apply(op: Op, ctx: Context) -> int | None:
+    """Carry out ``op``; `Spawn` returns the job's pid."""
     fds = ctx.fds
     match op:
+        case JoinCgroup(fd_indexes):
+            for index in fd_indexes:
+                os.write(fds[index], b"0")
         case SetIdMap(uid_in, uid_out, gid_in, gid_out):
             linux.write_file("/proc/self/setgroups", "deny")
             linux.write_file("/proc/self/uid_map", f"{uid_in} {uid_out} 1\n")
@@ -97,7 +95,7 @@ def apply(op: Op, ctx: Context) -> None:
         case BindMount(source, target, readonly, create, devices):
             if not os.path.lexists(target):
                 if create == "skip":
-                    return
+                    return None
                 if create == "file":
                     os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
                 else:
@@ -147,17 +145,6 @@ def apply(op: Op, ctx: Context) -> None:
                 os.close(dst)
         case UnshareCgroupNamespace():
             linux.unshare(linux.CLONE_NEWCGROUP)
-        case NewSession():
-            os.setsid()
-        case Stdio(fd_indexes):
-            for stdio_fd, index in enumerate(fd_indexes):
-                os.dup2(fds[index], stdio_fd, inheritable=True)
-        case CloseFds():
-            if ctx.keep_fd >= 3:
-                linux.close_range(3, ctx.keep_fd - 1)
-                linux.close_range(ctx.keep_fd + 1)
-            else:
-                linux.close_range(3)
         case Chdir(path):
             os.chdir(path)
         case SetRlimits(limits):
@@ -165,16 +152,14 @@ def apply(op: Op, ctx: Context) -> None:
                 inf = resource.RLIM_INFINITY
                 resource.setrlimit(_RLIMITS[name], (inf if soft < 0 else soft,
                                                     inf if hard < 0 else hard))
-        case ResetSignals():
-            for sig in signal.valid_signals():
-                if sig not in (signal.SIGKILL, signal.SIGSTOP):
-                    signal.signal(sig, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
         case SetIds(uid, gid, setgroups):
             if setgroups:
                 os.setgroups([])
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
+            # A change of credentials clears the parent-death signal: arm it again (init
+            # checks its lifeline afterwards, in case the spawner died in between).
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
         case DropBoundingSet():
             linux.drop_bounding_set()
         case ClearCapabilities():
@@ -183,10 +168,16 @@ def apply(op: Op, ctx: Context) -> None:
             linux.set_no_new_privs()
         case Seccomp(bpf_hex):
             linux.load_seccomp(bytes.fromhex(bpf_hex))
-        case Exec(argv, env):
-            _execvpe(argv, env)
+        case Spawn(argv, env, stdio):
+            linux.close_range(3, cloexec=True)  # nothing of init's reaches the job
+            return os.posix_spawn(
+                _which(argv[0], env.get("PATH", "/usr/bin:/bin")), list(argv), env,
+                file_actions=[(os.POSIX_SPAWN_DUP2, fds[index], target)
+                              for target, index in enumerate(stdio)],
+                setsid=True, setsigmask=(), setsigdef=_ALL_SIGNALS)
         case _:
             assert_never(op)
+    return None
 
 
 def _kept_flags(target: str) -> int:
@@ -203,17 +194,20 @@ def _kept_flags(target: str) -> int:
     return flags
 
 
-def _execvpe(argv: Sequence[str], env: dict[str, str]) -> None:
-    """execve with a PATH search like a shell: the last interesting errno wins."""
-    name = argv[0]
+_ALL_SIGNALS = tuple(s for s in signal.valid_signals()
+                     if s not in (signal.SIGKILL, signal.SIGSTOP))
+
+
+def _which(name: str, path: str) -> str:
+    """Resolve ``name`` like a shell does, in the job's PATH (posix_spawnp would search
+    init's own); the errno of the most telling failure wins."""
     if "/" in name:
-        os.execve(name, list(argv), env)  # noqa: S606
-    last: OSError = FileNotFoundError(errno.ENOENT, f"{name}: command not found")
-    for directory in env.get("PATH", "/usr/bin:/bin").split(":"):
-        try:
-            os.execve(os.path.join(directory or ".", name), list(argv), env)  # noqa: S606
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except OSError as e:
-            last = e
-    raise last
+        return name
+    denied: OSError | None = None
+    for directory in path.split(":"):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            denied = PermissionError(errno.EACCES, f"{name}: permission denied")
+    raise denied or FileNotFoundError(errno.ENOENT, f"{name}: command not found")

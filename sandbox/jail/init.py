@@ -1,21 +1,22 @@
 """The life of a sandbox's init: pid 1 of the job's namespaces, a fork of the spawner.
 
 It applies the ``prepare`` ops, reports ``ready`` and waits (a warm sandbox waits here).
-On ``go`` it applies the ``go`` ops, forks the job, which applies the ``launch`` ops and
-execs; init reports ``started`` (or ``failed`` with the op that failed), reaps everything
-in its namespace, reports the job's wait status as ``exited`` and exits, which makes the
-kernel kill whatever the job left behind. Stdlib only.
+On ``go`` it applies the ``go`` ops, then the ``launch`` ops to itself (uid drop, empty
+capability sets, no_new_privs, seccomp) and spawns the job with posix_spawn, so the job
+inherits all of it and no code of ours runs in the job's process. init reports ``started``
+(or ``failed`` with the op that failed), reaps everything in its namespace, reports the
+job's wait status as ``exited`` and exits, which makes the kernel kill whatever the job left
+behind. Stdlib only.
 
-init never runs job code, installs no signal handlers (so, as a pid namespace's init, it
-ignores every signal the job may send it) and is not dumpable (the job cannot read its
-/proc entries, environment included).
+init never runs job code, keeps every signal at its default disposition (so, as a pid
+namespace's init, it ignores every signal the job may send it), and is not dumpable (the job
+cannot read its /proc entries, environment included).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import select
 import signal
@@ -26,7 +27,7 @@ from typing import NoReturn
 from .. import linux
 from . import wire
 from .apply import Context, apply
-from .ops import Exec, Op, decode, describe
+from .ops import Op, Spawn, decode, describe
 
 
 def _failure(step: str, index: int, op: Op | None, exc: BaseException) -> dict[str, object]:
@@ -34,7 +35,7 @@ def _failure(step: str, index: int, op: Op | None, exc: BaseException) -> dict[s
     detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return {"event": "failed", "step": step, "index": index,
             "op": describe(op) if op is not None else "", "errno": err,
-            "exec": op.argv[0] if isinstance(op, Exec) else None,
+            "exec": op.argv[0] if isinstance(op, Spawn) else None,
             "message": f"{type(op).__name__ if op else step}: {detail}"}
 
 
@@ -47,44 +48,52 @@ def _close_all_except(keep: set[int]) -> None:
     linux.close_range(low)
 
 
+def _orphaned(lifeline: int) -> bool:
+    """True once the spawner is gone (the lifeline's write end closed)."""
+    poller = select.poll()
+    poller.register(lifeline, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def run(sock: socket.socket, prepare: list[Op], lifeline: tuple[int, int],
-        idmap_fd: int) -> NoReturn:
+        idmap_fd: int, fds: list[int]) -> NoReturn:
     """Entry point in the cloned child. Never returns. ``lifeline`` is a pipe whose write
     end only the spawner keeps open."""
     code = 1
     try:
         os.close(lifeline[1])
-        code = _run(sock, prepare, lifeline[0], idmap_fd)
+        code = _run(sock, prepare, lifeline[0], idmap_fd, fds)
     except BaseException as exc:  # noqa: BLE001 - report anything, then die
         with contextlib.suppress(OSError):
             wire.send(sock, _failure("init", -1, None, exc))
     os._exit(code)
 
 
-def _run(sock: socket.socket, prepare: list[Op], lifeline: int, idmap_fd: int) -> int:
+def _run(sock: socket.socket, prepare: list[Op], lifeline: int, idmap_fd: int,
+         passed: list[int]) -> int:
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-    for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
+    for sig in signal.valid_signals():  # the spawner ignores SIGCHLD and SIGINT
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(sig, signal.SIG_DFL)
     # The spawner may have died before PDEATHSIG was armed: then the lifeline has hung up.
-    poller = select.poll()
-    poller.register(lifeline, select.POLLIN)
-    if poller.poll(0):
+    if _orphaned(lifeline):
         return 1
     devnull = os.open("/dev/null", os.O_RDWR)
     for target in (0, 1, 2):
         os.dup2(devnull, target)
     os.close(devnull)
-    _close_all_except({sock.fileno(), idmap_fd})
+    _close_all_except({sock.fileno(), idmap_fd, lifeline, *passed})
 
-    ctx = Context(idmap_fd=idmap_fd)
+    ctx = Context(fds=passed, idmap_fd=idmap_fd)
     for i, op in enumerate(prepare):
         try:
             apply(op, ctx)
         except BaseException as exc:  # noqa: BLE001
             wire.send(sock, _failure("prepare", i, op, exc))
             return 1
-    if idmap_fd >= 0:
-        os.close(idmap_fd)
+    for fd in (idmap_fd, *passed):
+        if fd >= 0:
+            os.close(fd)
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
     wire.send(sock, {"event": "ready", "time": time.monotonic()})
 
@@ -93,30 +102,26 @@ def _run(sock: socket.socket, prepare: list[Op], lifeline: int, idmap_fd: int) -
         return 0
     go, launch = decode(msg["go"]), decode(msg["launch"])
     ctx = Context(fds=fds)
-    for i, op in enumerate(go):
-        try:
-            apply(op, ctx)
-        except BaseException as exc:  # noqa: BLE001
-            wire.send(sock, _failure("go", i, op, exc))
-            return 1
-
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        _launch(launch, Context(fds=fds, keep_fd=err_w), err_w)
-    os.close(err_w)
+    pid = None
+    for step, steps in (("go", go), ("launch", launch)):
+        for i, op in enumerate(steps):
+            try:
+                pid = apply(op, ctx)
+            except BaseException as exc:  # noqa: BLE001
+                wire.send(sock, _failure(step, i, op, exc))
+                return 1
+    started = time.monotonic()
     for fd in fds:
         os.close(fd)
-    report = b""
-    while chunk := os.read(err_r, 65536):
-        report += chunk
-    os.close(err_r)
-    started = time.monotonic()
-    if report:
-        os.waitpid(pid, 0)
-        wire.send(sock, json.loads(report))
+    if pid is not None and _orphaned(lifeline):  # the spawner died while SetIds re-armed
+        os.kill(pid, signal.SIGKILL)             # the parent-death signal
         return 1
-    wire.send(sock, {"event": "started", "time": started})
+    if pid is None:
+        wire.send(sock, _failure("launch", -1, None, OSError(errno.EINVAL, "nothing spawned")))
+        return 1
+    # We joined the job's cgroup first thing: the CPU we used is ours, not the job's, and
+    # is subtracted from the cgroup's CPU time.
+    wire.send(sock, {"event": "started", "time": started, "init_cpu": time.thread_time()})
 
     while True:
         try:
@@ -129,18 +134,3 @@ def _run(sock: socket.socket, prepare: list[Op], lifeline: int, idmap_fd: int) -
     wire.send(sock, {"event": "exited", "status": status, "time": ended,
                      "wall_time": ended - started})
     return 0
-
-
-def _launch(ops: list[Op], ctx: Context, err_w: int) -> NoReturn:
-    """In the job process: apply the launch ops; the last one execs."""
-    index, op = -1, None
-    try:
-        for index, op in enumerate(ops):  # noqa: B007 - index and op name the failed step
-            apply(op, ctx)
-        raise OSError(errno.EINVAL, "the launch plan did not exec")
-    except BaseException as exc:  # noqa: BLE001
-        failure = _failure("launch", index, op, exc)
-        try:
-            os.write(err_w, json.dumps(failure).encode())
-        finally:
-            os._exit(127)

@@ -5,8 +5,9 @@ A plan (see `plan.py`) is three lists of these:
 * ``prepare``: run by the sandbox's init (pid 1 of the new namespaces) right after clone:
   id maps, mounts, pivot_root, hostname, loopback. A warm sandbox stops here and waits.
 * ``go``: run by init when a job is handed over: copy files in, enter the cgroup namespace.
-* ``launch``: run by the job process itself between fork and execve: stdio, descriptors,
-  rlimits, uid drop, capabilities, no_new_privs, seccomp (always last), exec.
+* ``launch``: run by init on itself: cwd, rlimits, uid drop, capabilities, no_new_privs,
+  seccomp; then `Spawn` starts the job with posix_spawn, so the job inherits all of that and
+  no code of ours ever runs between fork and exec.
 
 Stdlib only: this module is imported by the spawner.
 """
@@ -26,6 +27,14 @@ class SetIdMap:
     uid_outside: int
     gid_inside: int
     gid_outside: int
+
+
+@dataclass(frozen=True, slots=True)
+class JoinCgroup:
+    """Write ``0`` to the ``cgroup.procs`` files received with the spawn request (``fds``
+    indexes): init moves itself into the job's cgroup before anything else."""
+
+    fd_indexes: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,23 +145,6 @@ class UnshareCgroupNamespace:
 
 
 @dataclass(frozen=True, slots=True)
-class NewSession:
-    """setsid(): no controlling terminal, so no TIOCSTI into the caller's."""
-
-
-@dataclass(frozen=True, slots=True)
-class Stdio:
-    """dup2 the go message's descriptors ``fd_indexes`` onto 0, 1 and 2."""
-
-    fd_indexes: tuple[int, int, int] = (0, 1, 2)
-
-
-@dataclass(frozen=True, slots=True)
-class CloseFds:
-    """Close every descriptor from 3 up (all that was inherited)."""
-
-
-@dataclass(frozen=True, slots=True)
 class Chdir:
     path: str
 
@@ -163,11 +155,6 @@ class SetRlimits:
     -1 means unlimited."""
 
     limits: dict[str, list[int]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class ResetSignals:
-    """Default dispositions for every signal and an empty mask (Python ignores SIGPIPE)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,30 +188,38 @@ class Seccomp:
 
 
 @dataclass(frozen=True, slots=True)
-class Exec:
-    """execve, looking ``argv[0]`` up in ``PATH`` when it has no slash."""
+class Spawn:
+    """Start the job with posix_spawn (vfork + execve: no code of ours runs in the child):
+    a new session (no controlling terminal, so no TIOCSTI into the caller's), the go
+    message's descriptors ``stdio`` on 0, 1 and 2, every signal at its default and none
+    blocked. Everything else (ids, capabilities, no_new_privs, seccomp, rlimits, cwd) the
+    job inherits from init, which applied it to itself just before. ``argv[0]`` is looked
+    up in the job's ``PATH`` when it has no slash."""
 
     argv: tuple[str, ...]
     env: dict[str, str]
+    stdio: tuple[int, int, int] = (0, 1, 2)
 
 
-Op = (SetIdMap | AwaitIdMap | MakeRootPrivate | MountTmpfs | MakeDir | MountOverlay | BindMount
-      | MountProc | MountDevpts | Symlink | PivotRoot | Remount | SetHostname | LoopbackUp
-      | WriteFile | UnshareCgroupNamespace | NewSession | Stdio | CloseFds | Chdir | SetRlimits
-      | ResetSignals | SetIds | DropBoundingSet | ClearCapabilities | NoNewPrivs | Seccomp | Exec)
+Op = (JoinCgroup | SetIdMap | AwaitIdMap | MakeRootPrivate | MountTmpfs | MakeDir | MountOverlay
+      | BindMount | MountProc | MountDevpts | Symlink | PivotRoot | Remount | SetHostname
+      | LoopbackUp | WriteFile | UnshareCgroupNamespace | Chdir | SetRlimits | SetIds
+      | DropBoundingSet | ClearCapabilities | NoNewPrivs | Seccomp | Spawn)
 
 _TYPES: dict[str, type[Any]] = {
     cls.__name__: cls for cls in (
-        SetIdMap, AwaitIdMap, MakeRootPrivate, MountTmpfs, MakeDir, MountOverlay, BindMount,
-        MountProc, MountDevpts, Symlink, PivotRoot, Remount, SetHostname, LoopbackUp,
-        WriteFile, UnshareCgroupNamespace, NewSession, Stdio, CloseFds, Chdir, SetRlimits,
-        ResetSignals, SetIds, DropBoundingSet, ClearCapabilities, NoNewPrivs, Seccomp, Exec)
+        JoinCgroup, SetIdMap, AwaitIdMap, MakeRootPrivate, MountTmpfs, MakeDir, MountOverlay,
+        BindMount, MountProc, MountDevpts, Symlink, PivotRoot, Remount, SetHostname, LoopbackUp,
+        WriteFile, UnshareCgroupNamespace, Chdir, SetRlimits, SetIds, DropBoundingSet,
+        ClearCapabilities, NoNewPrivs, Seccomp, Spawn)
 }
 
 
 def encode(ops: list[Op]) -> list[dict[str, Any]]:
-    """Ops -> JSON-able dicts (``{"op": "MountProc", "target": ...}``)."""
-    return [{"op": type(op).__name__, **dataclasses.asdict(op)} for op in ops]
+    """Ops -> JSON-able dicts (``{"op": "MountProc", "target": ...}``). Shallow: op fields
+    are plain values (dataclasses.asdict's deep copy cost milliseconds per job)."""
+    return [{"op": type(op).__name__, **{name: getattr(op, name) for name in op.__slots__}}
+            for op in ops]
 
 
 def decode(items: list[dict[str, Any]]) -> list[Op]:
@@ -236,7 +231,8 @@ def decode(items: list[dict[str, Any]]) -> list[Op]:
         if cls is None:
             raise ValueError(f"unknown set-up operation {item.get('op')!r}")
         for f in dataclasses.fields(cls):
-            if isinstance(data.get(f.name), list) and f.name in ("lower", "argv", "fd_indexes"):
+            if isinstance(data.get(f.name), list) and f.name in ("lower", "argv", "stdio",
+                                                                  "fd_indexes"):
                 data[f.name] = tuple(data[f.name])
         ops.append(cls(**data))
     return ops
@@ -244,6 +240,6 @@ def decode(items: list[dict[str, Any]]) -> list[Op]:
 
 def describe(op: Op) -> str:
     """One line naming an op, for error messages and ``--dry-run`` plans."""
-    fields = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(op).items()
+    fields = ", ".join(f"{k}={getattr(op, k)!r}" for k in op.__slots__
                        if k not in ("bpf_hex", "env"))
     return f"{type(op).__name__}({fields})"

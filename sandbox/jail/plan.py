@@ -74,16 +74,17 @@ class SandboxShape:
     resolv_conf: bool = False  # with host_network: bind the host's /etc/resolv.conf (ro)
 
 
-def prepare(shape: SandboxShape, idmap: IdMapping) -> list[o.Op]:
+def prepare(shape: SandboxShape, idmap: IdMapping, cgroup_fds: int = 0) -> list[o.Op]:
     """The ops init runs right after clone (pid 1 in fresh user, mount, pid, net, ipc, uts
-    namespaces): build the root, then wait for a job."""
+    namespaces): join the job's cgroup (``cgroup_fds`` cgroup.procs files came with the
+    spawn request), build the root, then wait for a job."""
     m = shape.mount_point
     root = f"{m}/root"
     upper, ovl_work = (f"{m}/upper", f"{m}/ovlwork")
     if shape.upper_dir:
         upper, ovl_work = f"{shape.upper_dir}/upper", f"{shape.upper_dir}/work"
     uid, gid = shape.uid, shape.gid
-    steps: list[o.Op] = []
+    steps: list[o.Op] = [o.JoinCgroup(tuple(range(cgroup_fds)))] if cgroup_fds else []
     if idmap.mode == "single":
         steps.append(o.SetIdMap(uid, idmap.outside_uid, gid, idmap.outside_gid))
     else:
@@ -167,20 +168,17 @@ def go(launch: Launch, idmap: IdMapping) -> list[o.Op]:
 
 
 def launch_ops(launch: Launch, idmap: IdMapping) -> list[o.Op]:
-    """Ops the job process runs between fork and execve; seccomp is the last before exec."""
+    """Ops init applies to itself before it spawns the job, which inherits the result:
+    nothing runs in the job's process before execve. Seccomp is loaded last."""
     return [
-        o.NewSession(),
-        o.Stdio((0, 1, 2)),
-        o.CloseFds(),
         o.Chdir(launch.workdir),
         o.SetRlimits({k: [v[0], v[1]] for k, v in launch.rlimits.items()}),
-        o.ResetSignals(),
         o.DropBoundingSet(),
         o.SetIds(launch.uid, launch.gid, setgroups=idmap.mode != "single"),
         o.ClearCapabilities(),
         o.NoNewPrivs(),
         o.Seccomp(launch.bpf.hex()),
-        o.Exec(tuple(launch.argv), dict(launch.env)),
+        o.Spawn(tuple(launch.argv), dict(launch.env), (0, 1, 2)),
     ]
 
 

@@ -6,26 +6,46 @@ control. The daemon serves it over a socket; the CLI embeds it when no daemon ru
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import trio
 
 from .. import cgroups, config, seccomp
 from ..errors import SandboxError, SpecError
 from ..images.store import Image, Store
-from ..jail import plan
+from ..jail import ops, plan
 from ..profiles import Profile, load_profile
 from ..spec import JobSpec, Limits, Result, Status
 from . import job
-from .pool import Pool
-from .spawner import InitHandle, Spawner
+from .job import JobControl
+from .pool import Pool, Sandbox
+from .spawner import Spawner
 
 ProgressCallback = Callable[[str], None]
+
+
+@dataclass
+class JobInfo:
+    """A job as `sandbox daemon`'s list request shows it."""
+
+    id: str
+    image: str
+    command: str
+    submitted: float
+    started: float | None = None
+    owner: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {"id": self.id, "image": self.image, "command": self.command,
+                "owner": self.owner, "waiting": round((self.started or now) - self.submitted, 3),
+                "running": round(now - self.started, 3) if self.started else 0.0}
 
 
 class Supervisor:
@@ -45,7 +65,9 @@ class Supervisor:
         self._idmap: plan.IdMapping | None = None
         self._mount_point = ""
         self._build_locks: dict[str, trio.Lock] = {}
-        self.running: dict[str, JobSpec] = {}
+        self._plans: dict[tuple[plan.SandboxShape, plan.IdMapping], list[dict[str, Any]]] = {}
+        self.queued: dict[str, JobInfo] = {}
+        self.running: dict[str, JobInfo] = {}
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -94,7 +116,7 @@ class Supervisor:
 
     # -- images -------------------------------------------------------------------------
 
-    async def image(self, ref: str) -> Image:
+    async def image(self, ref: str, progress: ProgressCallback | None = None) -> Image:
         """Resolve ``ref`` in the store; build it from the shipped recipe of that name on
         first use (like `docker run` pulls). Shipped recipes are part of the tool: their
         RUN steps may use the network (to install packages)."""
@@ -112,9 +134,11 @@ class Supervisor:
             async with lock:
                 image = self.store.find(ref)
                 if image is None:
-                    image = await build.build(self, recipe, ref, progress=self.on_progress,
+                    image = await build.build(self, recipe, ref,
+                                              progress=progress or self.on_progress,
                                               network="host")
-        await trio.to_thread.run_sync(self.store.ensure_unpacked, image)
+        if not all(self.store.has_layer_dir(layer.diff_id) for layer in image.layers):
+            await trio.to_thread.run_sync(self.store.ensure_unpacked, image)
         return image
 
     # -- sandboxes ----------------------------------------------------------------------
@@ -132,41 +156,66 @@ class Supervisor:
             mount_point=self._mount_point, writable_root=writable_root, upper_dir=upper_dir,
             host_network=host_network, resolv_conf=resolv_conf)
 
-    async def new_sandbox(self, shape: plan.SandboxShape) -> InitHandle:
-        """Clone an init that builds a sandbox of ``shape``, and wait until it is ready.
-        The sandbox holds a lease on its layers until it is closed (prune skips them)."""
+    async def new_sandbox(self, shape: plan.SandboxShape) -> Sandbox:
+        """Make a fresh cgroup, clone an init into new namespaces that joins it and builds a
+        sandbox of ``shape``, and wait until it is ready. (init joins the cgroup itself: a
+        cgroup v1 migration waits for an RCU grace period, which must not stall us.) The
+        sandbox holds a lease on its layers until its init is closed (prune skips them)."""
         idmap = self.idmap_for(shape.upper_dir)
         lease = await trio.to_thread.run_sync(self.store.lease, shape.lower)
         try:
-            init = await self.spawner.spawn(plan.prepare(shape, idmap),
-                                            plan.clone_flags(shape), idmap.spawner_args())
+            cgroup = self.cgroups.create(f"{os.getpid()}-{next(self._ids):x}")
         except BaseException:
             lease.close()
             raise
+        try:
+            procs = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_files()]
+        except OSError as e:
+            cgroup.remove()
+            lease.close()
+            raise SandboxError(f"cannot open the job's cgroup: {e.strerror}") from None
+        key = (shape, idmap)
+        encoded = self._plans.get(key)
+        if encoded is None:
+            encoded = self._plans[key] = ops.encode(plan.prepare(shape, idmap, len(procs)))
+        try:
+            init = await self.spawner.spawn(encoded, plan.clone_flags(shape),
+                                            idmap.spawner_args(), procs)
+        except BaseException:
+            cgroup.remove()
+            lease.close()
+            raise
+        finally:
+            for fd in procs:
+                os.close(fd)
         init.hold(lease)
+        sandbox = Sandbox(init, cgroup)
         try:
             await init.wait_ready()
         except BaseException:
-            await init.discard()
+            await sandbox.destroy()
             raise
-        return init
+        return sandbox
 
     # -- jobs ---------------------------------------------------------------------------
 
     async def run(self, spec: JobSpec, on_output: job.OutputCallback | None = None, *,
-                  image: Image | None = None, writable_root: bool = False,
-                  upper_dir: str = "", workdir: str | None = None, host_network: bool = False,
+                  control: JobControl | None = None, owner: str = "",
+                  progress: ProgressCallback | None = None, image: Image | None = None,
+                  writable_root: bool = False, upper_dir: str = "",
+                  workdir: str | None = None, host_network: bool = False,
                   resolv_conf: bool = False, ids: tuple[int, int] | None = None) -> Result:
         """Run one job to completion. Bad input raises `SandboxError`; a sandbox that fails
-        comes back as a `Result` with status ``internal_error``. ``image`` (instead of
-        ``spec.image``), ``writable_root``, ``upper_dir``, ``workdir``, ``host_network``
-        (no network namespace; ``resolv_conf`` binds the host's), and ``ids`` (the job's
-        uid and gid instead of the profile's: a recipe's USER) serve builds."""
+        comes back as a `Result` with status ``internal_error``. ``control`` cancels the job
+        or streams its stdin; ``image`` (instead of ``spec.image``), ``writable_root``,
+        ``upper_dir``, ``workdir``, ``host_network`` (no network namespace; ``resolv_conf``
+        binds the host's) and ``ids`` (the job's uid and gid instead of the profile's: a
+        recipe's USER) serve image builds."""
         t0 = time.monotonic()
         profile = load_profile(spec.profile)
         limits = spec.limits.over(profile.limits)
         if image is None:
-            image = await self.image(spec.image)
+            image = await self.image(spec.image, progress)
         argv = list(spec.argv)
         if spec.entrypoint:
             if image.entrypoint:
@@ -190,38 +239,42 @@ class Supervisor:
         shape = self.shape(image, profile, limits, writable_root=writable_root,
                            upper_dir=upper_dir, workdir=workdir, host_network=host_network,
                            resolv_conf=resolv_conf, ids=ids)
-        job_id = f"{os.getpid()}-{next(self._ids):x}"
-        async with self.admission:
-            self.running[job_id] = spec
-            try:
-                return await self._run_in_sandbox(job_id, shape, limits, launch, idmap, spec, t0,
-                                                   on_output)
-            finally:
-                del self.running[job_id]
+        control = control or JobControl()
+        info = JobInfo(id=f"{os.getpid()}-{next(self._ids):x}", image=image.ref,
+                       command=" ".join(argv)[:200], submitted=t0, owner=owner)
+        self.queued[info.id] = info
+        try:
+            async with self.admission:
+                del self.queued[info.id]
+                info.started = time.monotonic()
+                self.running[info.id] = info
+                if control.cancelled:
+                    return Result(status=Status.SIGNALED, signal=9, message="cancelled")
+                return await self._run_in_sandbox(shape, limits, launch, idmap, spec, t0,
+                                                   on_output, control)
+        finally:
+            self.queued.pop(info.id, None)
+            self.running.pop(info.id, None)
 
-    async def _run_in_sandbox(self, job_id: str, shape: plan.SandboxShape, limits: Limits,
+    async def _run_in_sandbox(self, shape: plan.SandboxShape, limits: Limits,
                               launch: plan.Launch, idmap: plan.IdMapping, spec: JobSpec,
-                              t0: float, on_output: job.OutputCallback | None) -> Result:
-        init: InitHandle | None = None
-        cgroup: cgroups.JobCgroup | None = None
+                              t0: float, on_output: job.OutputCallback | None,
+                              control: JobControl) -> Result:
+        sandbox: Sandbox | None = None
         try:
             try:
-                init = await self.pool.take(shape)
-                cgroup = self.cgroups.create(job_id)
-                cgroup.set_limits(memory=int(limits.memory or 0), pids=int(limits.pids or 1) + 1)
-                cgroup.add(init.pid)
+                sandbox = await self.pool.take(shape)
+                sandbox.cgroup.set_limits(memory=int(limits.memory or 0),
+                                          pids=int(limits.pids or 1) + 1)
             except SandboxError as e:
                 return Result(status=Status.INTERNAL_ERROR, message=str(e),
                               setup_time=time.monotonic() - t0)
-            return await job.run(init, cgroup, limits, plan.go(launch, idmap),
+            return await job.run(sandbox.init, sandbox.cgroup, limits, plan.go(launch, idmap),
                                  plan.launch_ops(launch, idmap), [f.data for f in spec.files],
-                                 spec.stdin, on_output, t0)
+                                 spec.stdin, on_output, t0, control)
         finally:
-            with trio.CancelScope(shield=True):
-                if init is not None:
-                    init.kill()
-                    await init.wait_dead()
-                    init.close()
-                if cgroup is not None:
-                    with contextlib.suppress(SandboxError):
-                        cgroup.remove()
+            if sandbox is not None:
+                if self.pool.background is not None:  # the daemon: answer first
+                    self.pool.background.start_soon(sandbox.destroy)
+                else:
+                    await sandbox.destroy()

@@ -14,18 +14,58 @@ from dataclasses import dataclass, field
 import trio
 
 from ..cgroups import JobCgroup
+from ..errors import SpecError
 from ..jail import ops
 from ..spec import Limits, Result, Status
 from .spawner import InitHandle
 
 OutputCallback = Callable[[str, bytes], Awaitable[None]]
 _NCPU = os.cpu_count() or 1
+MAX_STDIN_BUFFER = 64 << 20
+
+
+class JobControl:
+    """A handle on one job from outside: cancel it, stream its stdin, see it start."""
+
+    def __init__(self, *, stdin_stream: bool = False) -> None:
+        self.stdin_stream = stdin_stream
+        self.cancelled = False
+        self.started = trio.Event()
+        self.on_start: Callable[[], Awaitable[None]] | None = None
+        self._kill: Callable[[], None] | None = None
+        self._send, self.stdin_chunks = trio.open_memory_channel[bytes](float("inf"))
+        self._buffered = 0
+
+    def cancel(self) -> None:
+        """Kill the job (or keep it from starting). Its result says ``cancelled``."""
+        self.cancelled = True
+        if self._kill is not None:
+            self._kill()
+
+    def feed_stdin(self, data: bytes, eof: bool = False) -> None:
+        """Queue ``data`` for the job's stdin (a pipe when ``stdin_stream``); ``eof`` closes
+        it. Raises `SpecError` past `MAX_STDIN_BUFFER` bytes not yet read by the job."""
+        if not self.stdin_stream:
+            raise SpecError("this job was not started with a stdin stream")
+        if data:
+            self._buffered += len(data)
+            if self._buffered > MAX_STDIN_BUFFER:
+                raise SpecError("too much stdin buffered for a job that does not read it")
+            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                self._send.send_nowait(data)
+        if eof:
+            self._send.close()
+
+    def _consumed(self, n: int) -> None:
+        self._buffered -= n
 
 
 @dataclass
 class _State:
     limits: Limits
     fired: Status | None = None
+    cancelled: bool = False
+    init_cpu: float = 0.0  # CPU init used in the job's cgroup before the job started
     stdout: bytearray = field(default_factory=bytearray)
     stderr: bytearray = field(default_factory=bytearray)
     total: int = 0
@@ -54,12 +94,27 @@ async def _capture(stream: trio.lowlevel.FdStream, name: str, state: _State,
                 state.fire(Status.OUTPUT_LIMIT, init)
 
 
-async def _cpu_watchdog(cgroup: JobCgroup, state: _State, init: InitHandle) -> None:
+async def _feed_stdin(stream: trio.lowlevel.FdStream, control: JobControl) -> None:
+    async with stream:
+        try:
+            async for chunk in control.stdin_chunks:
+                await stream.send_all(chunk)
+                control._consumed(len(chunk))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the job closed its stdin: drop the rest
+
+
+async def _watchdog(cgroup: JobCgroup, state: _State, init: InitHandle) -> None:
+    """Kill the whole job when its CPU time passes the limit or the OOM killer fires in its
+    cgroup (a judge wants one verdict, not a job running on with a process missing)."""
     limit = state.limits.time or 0.0
     while True:
-        used = cgroup.cpu_time()
+        used = cgroup.cpu_time() - state.init_cpu
         if used > limit:
             state.fire(Status.TIME_LIMIT, init)
+            return
+        if cgroup.oom_killed():
+            state.fire(Status.MEMORY_LIMIT, init)
             return
         # Sleep until the job could have used what is left, on every CPU at once.
         await trio.sleep(min(max((limit - used) / _NCPU, 0.002), 0.1))
@@ -80,14 +135,30 @@ def _memfd(name: str, data: bytes) -> int:
 
 async def run(init: InitHandle, cgroup: JobCgroup, limits: Limits, go_ops: list[ops.Op],
               launch_ops: list[ops.Op], files: list[bytes], stdin: bytes | None,
-              on_output: OutputCallback | None = None, t_start: float = 0.0) -> Result:
+              on_output: OutputCallback | None = None, t_start: float = 0.0,
+              control: JobControl | None = None) -> Result:
     """Hand the job to a ready sandbox ``init`` (already in ``cgroup``) and see it through.
     Always returns a `Result`; the caller removes the cgroup and closes ``init``."""
+    control = control or JobControl()
     state = _State(limits)
+
+    def kill() -> None:
+        state.cancelled = True
+        init.kill()
+
+    control._kill = kill
+    if control.cancelled:
+        kill()
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    stdin_fd = (_memfd("stdin", stdin) if stdin is not None
-                else os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+    stdin_writer: trio.lowlevel.FdStream | None = None
+    if control.stdin_stream:
+        stdin_fd, w = os.pipe2(os.O_CLOEXEC)
+        stdin_writer = trio.lowlevel.FdStream(w)
+    elif stdin is not None:
+        stdin_fd = _memfd("stdin", stdin)
+    else:
+        stdin_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
     passed = [stdin_fd, out_w, err_w]
     streams = [trio.lowlevel.FdStream(out_r), trio.lowlevel.FdStream(err_r)]
     exited: dict[str, object] | None = None
@@ -103,12 +174,18 @@ async def run(init: InitHandle, cgroup: JobCgroup, limits: Limits, go_ops: list[
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_capture, streams[0], "stdout", state, init, on_output)
             nursery.start_soon(_capture, streams[1], "stderr", state, init, on_output)
+            if stdin_writer is not None:
+                nursery.start_soon(_feed_stdin, stdin_writer, control)
             event = await init.event()
             local_start = time.monotonic()
             if event is not None and event.get("event") == "started":
                 started_at = float(event.get("time", local_start))
+                state.init_cpu = float(event.get("init_cpu", 0.0))
+                control.started.set()
+                if control.on_start is not None:
+                    await control.on_start()
                 async with trio.open_nursery() as watching:
-                    watching.start_soon(_cpu_watchdog, cgroup, state, init)
+                    watching.start_soon(_watchdog, cgroup, state, init)
                     with trio.move_on_after(limits.wall_time or 0) as wall:
                         event = await init.event()
                     if wall.cancelled_caught:
@@ -116,8 +193,12 @@ async def run(init: InitHandle, cgroup: JobCgroup, limits: Limits, go_ops: list[
                     if event is not None and event.get("event") == "exited":
                         exited = event
                         ended_at = float(event.get("time", time.monotonic()))
-                    await init.wait_dead()
+                    else:  # init was killed (a limit, a cancel, the OOM killer)
+                        await init.wait_dead()
                     watching.cancel_scope.cancel()
+                # init exits right after "exited", so the kernel kills any process the job
+                # left behind and the output pipes reach EOF; the caller destroys the
+                # sandbox (namespace teardown takes a while) after the result is out.
                 if not ended_at:
                     ended_at = time.monotonic() - local_start + started_at
             else:
@@ -125,15 +206,19 @@ async def run(init: InitHandle, cgroup: JobCgroup, limits: Limits, go_ops: list[
                                     "message": "sandbox init died before the job started"}
                 init.kill()
                 await init.wait_dead()
+            control.stdin_chunks.close()
     finally:
-        for s in streams:
+        for s in [*streams, *([stdin_writer] if stdin_writer else [])]:
             with contextlib.suppress(trio.ClosedResourceError, OSError):
                 await s.aclose()
     stats = cgroup.stats()
-    measured = _Measured(cpu_time=stats.cpu_time, wall_time=max(ended_at - started_at, 0.0),
+    measured = _Measured(cpu_time=max(stats.cpu_time - state.init_cpu, 0.0),
+                         wall_time=max(ended_at - started_at, 0.0),
                          memory=stats.memory_peak, stdout=bytes(state.stdout),
                          stderr=bytes(state.stderr),
                          setup_time=max(started_at - t_start, 0.0) if t_start else 0.0)
+    if state.cancelled and state.fired is None:
+        return measured.result(Status.SIGNALED, signal=signal.SIGKILL, message="cancelled")
     if failure is not None:
         return _failed_start(failure, measured)
     return _verdict(state, measured, stats.oom_killed, exited)

@@ -161,17 +161,17 @@ class Spawner:
             theirs.close()
         self._sock = trio.socket.from_stdlib_socket(ours)
 
-    async def spawn(self, prepare: list[ops.Op], flags: int,
-                    idmap: dict[str, object] | None) -> InitHandle:
-        """Clone a new sandbox init that runs ``prepare``; returns once it is cloned (use
-        `InitHandle.wait_ready` to wait for the set-up)."""
+    async def spawn(self, prepare: list[dict[str, Any]], flags: int,
+                    idmap: dict[str, object] | None, fds: list[int]) -> InitHandle:
+        """Clone a new sandbox init that runs ``prepare`` (encoded ops) and inherits
+        ``fds``; returns once it is cloned (`InitHandle.wait_ready` waits for the set-up)."""
         if self._sock is None:
             raise SandboxError("spawner is not running")
         async with self._lock:
             self._next_id += 1
             request = {"id": self._next_id, "op": "spawn", "flags": flags,
-                       "prepare": ops.encode(prepare), "idmap": idmap}
-            await _send(self._sock, request, [])
+                       "prepare": prepare, "idmap": idmap}
+            await _send(self._sock, request, fds)
             reply, fds = await _recv(self._sock)
         if reply is None:
             raise SandboxError("the spawner exited unexpectedly")

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sandbox.errors import SpecError
-from sandbox.spec import File, JobSpec, Limits, Result, Status, parse_env, parse_seconds, parse_size
+from sandbox.spec import File, JobSpec, Limits, Result, Status, parse_env
+from sandbox.units import parse_seconds, parse_size
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -81,6 +82,7 @@ def test_result_exit_codes_and_json() -> None:
     assert Result(status=Status.SIGNALED, signal=11).cli_exit_code == 139
     assert Result(status=Status.TIME_LIMIT, signal=9).cli_exit_code == 137
     assert Result(status=Status.INTERNAL_ERROR, message="x").cli_exit_code == 125
+    assert Result(status=Status.TIME_LIMIT, exit_code=0).cli_exit_code == 1
     r = Result(status=Status.OK, exit_code=0, stdout=b"\xff ok")
     assert r.to_json()["stdout"] == "\ufffd ok"
     assert Result.from_dict(r.to_dict()) == r

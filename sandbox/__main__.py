@@ -1,0 +1,5 @@
+"""``python -m sandbox`` is the ``sandbox`` command."""
+
+from ._entry import main
+
+main()

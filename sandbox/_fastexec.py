@@ -1,0 +1,198 @@
+"""The fast path of `sandbox exec`: straight to a running daemon, without click, trio or
+dataclasses (importing them costs more than a whole sandboxed job).
+
+`run` returns None whenever it is not sure what to do (``--help``, an option it does not
+know, a malformed value, no daemon): the full CLI in `cli.py` then handles the command, with
+the same options and messages. `tests/unit/test_fastexec.py` checks that both accept the
+same options. Once a job is submitted, the fast path sees it through.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from . import __version__, runtime, verdict
+from .errors import SpecError
+from .protocol import (
+    PROTOCOL_VERSION,
+    Connection,
+    ErrorReply,
+    Event,
+    Hello,
+    JobFinished,
+    Output,
+    Progress,
+    RunJob,
+    Welcome,
+)
+from .units import parse_seconds, parse_size
+
+# option -> (key, kind); the same options as `sandbox exec` in cli.py
+OPTIONS: dict[str, tuple[str, str]] = {
+    "--image": ("image", "str"), "--profile": ("profile", "str"),
+    "--time": ("time", "seconds"), "--wall-time": ("wall_time", "seconds"),
+    "--memory": ("memory", "size"), "--pids": ("pids", "int"), "--output": ("output", "size"),
+    "--disk": ("disk", "size"), "--stdin": ("stdin", "str"), "--env": ("env", "many"),
+    "--file": ("file", "many"), "--json": ("json", "flag"),
+}
+_PARSE: dict[str, Callable[[str], Any]] = {"str": str, "seconds": parse_seconds,
+                                           "size": parse_size, "int": int}
+
+
+def parse(argv: list[str]) -> dict[str, Any] | None:
+    """Options and PROGRAM ARGS of `sandbox exec`, or None if the full CLI should decide."""
+    opts: dict[str, Any] = {"image": "py3", "profile": "default", "env": [], "file": [],
+                            "json": False}
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        name, eq, value = argv[i].partition("=")
+        if name not in OPTIONS:
+            return None  # --help, --, an unknown option...
+        key, kind = OPTIONS[name]
+        if kind == "flag":
+            if eq:
+                return None
+            opts[key] = True
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(argv):
+                return None
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        try:
+            parsed = _PARSE["str" if kind == "many" else kind](value)
+        except (SpecError, ValueError):
+            return None
+        if kind == "int" and parsed < 1:
+            return None
+        if kind == "many":
+            opts[key].append(parsed)
+        else:
+            opts[key] = parsed
+    if i >= len(argv) or any("=" not in e for e in opts["env"]):
+        return None
+    opts["argv"] = argv[i:]
+    return opts
+
+
+def _file(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        data = f.read()
+    return {"name": os.path.basename(path), "data": data,
+            "mode": 0o755 if os.access(path, os.X_OK) else 0o644}
+
+
+def spec_dict(opts: dict[str, Any]) -> dict[str, Any] | None:
+    """The JobSpec in wire form (the daemon validates it), or None on a host-side problem
+    the full CLI reports."""
+    argv = list(opts["argv"])
+    files = []
+    entrypoint = False
+    try:
+        if os.path.isfile(argv[0]):
+            files.append(_file(argv[0]))
+            argv[0] = files[0]["name"]
+            entrypoint = True
+        for extra in opts["file"]:
+            if not os.path.isfile(extra):
+                return None
+            files.append(_file(extra))
+        stdin = None
+        if opts.get("stdin") is not None:
+            if opts["stdin"] == "-":
+                stdin = sys.stdin.buffer.read()
+            else:
+                with open(opts["stdin"], "rb") as f:
+                    stdin = f.read()
+    except OSError:
+        return None
+    limits = {k: opts[k] for k in ("time", "wall_time", "memory", "pids", "output", "disk")
+              if k in opts}
+    return {"image": opts["image"], "argv": argv, "files": files, "stdin": stdin,
+            "env": dict(e.split("=", 1) for e in opts["env"]), "limits": limits,
+            "profile": opts["profile"], "entrypoint": entrypoint}
+
+
+class _Daemon:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.connect(path)
+        self.conn = Connection("client")
+        self.send(Hello(PROTOCOL_VERSION, f"sandbox-cli {__version__}"))
+        if not isinstance(self.read(), Welcome):
+            raise OSError("no handshake")
+
+    def send(self, event: Event) -> None:
+        self.sock.sendall(self.conn.send(event))
+
+    def read(self) -> Event:
+        while (event := self.conn.next_event()) is None:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise OSError("the daemon closed the connection")
+            self.conn.receive_data(data)
+        return event
+
+
+def run(argv: list[str]) -> int | None:
+    """Run `sandbox exec ARGV` through the daemon; None means "use the full CLI"."""
+    if os.environ.get("SANDBOX_DAEMON", "auto") != "auto":
+        return None
+    opts = parse(argv)
+    if opts is None:
+        return None
+    path = runtime.socket_path()
+    if not os.path.exists(path):
+        return None
+    try:
+        daemon = _Daemon(path)
+    except OSError:
+        return None
+    spec = spec_dict(opts)
+    if spec is None:
+        daemon.sock.close()
+        return None
+    as_json = opts["json"]
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+    try:
+        daemon.send(RunJob(1, spec, stream_output=not as_json))
+        while True:
+            event = daemon.read()
+            if isinstance(event, Output):
+                stream = out if event.stream == "stdout" else err
+                stream.write(event.data)
+                stream.flush()
+            elif isinstance(event, Progress):
+                if event.line.startswith(("Step ", " --->", "Successfully")):
+                    err.write(f"{event.line}\n".encode())
+                    err.flush()
+            elif isinstance(event, JobFinished):
+                result = event.result
+                break
+            elif isinstance(event, ErrorReply):
+                return _error(event.message, as_json)
+    except (OSError, SpecError) as e:
+        return _error(f"lost the daemon: {e}", as_json)
+    finally:
+        daemon.sock.close()
+    if as_json:
+        out.write(json.dumps(verdict.json_view(result)).encode() + b"\n")
+        out.flush()
+    elif result["status"] != "ok":
+        err.write(verdict.summary(result).encode() + b"\n")
+    return verdict.cli_exit_code(result)
+
+
+def _error(message: str, as_json: bool) -> int:
+    if as_json:
+        sys.stdout.write(json.dumps(verdict.internal_error(message)) + "\n")
+        sys.stdout.flush()
+    sys.stderr.write(f"sandbox: error: {message}\n")
+    return 125

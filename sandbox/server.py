@@ -1,0 +1,384 @@
+"""`sandbox daemon`: the trio supervisor served over a unix socket.
+
+The socket lives in the per-user runtime dir (0700) and is itself 0600; every connection's
+peer credentials (SO_PEERCRED) are checked and other uids are refused. A connection speaks
+the protocol in `protocol.py`: a handshake, then any number of concurrent jobs, each with
+its own id. A malformed or oversized message gets a fatal error reply and the connection is
+closed; the daemon and other clients carry on. A client that disconnects has its jobs killed.
+SIGTERM (or SIGINT) stops the daemon cleanly: new work is refused, running jobs are killed
+and reported, the pool is drained, nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import __version__, config, runtime
+from .errors import DaemonError, SandboxError
+from .protocol import (
+    PROTOCOL_VERSION,
+    CancelJob,
+    Connection,
+    ErrorReply,
+    Event,
+    GetVersion,
+    Hello,
+    JobFinished,
+    JobList,
+    JobQueued,
+    JobStarted,
+    ListJobs,
+    Output,
+    Ping,
+    Pong,
+    Progress,
+    RemoteProtocolError,
+    RunJob,
+    StdinData,
+    VersionInfo,
+    Welcome,
+    wire_name,
+)
+from .spec import JobSpec, Status
+from .supervisor.core import Supervisor
+from .supervisor.job import JobControl
+
+log = logging.getLogger("sandbox.daemon")
+
+
+class LogfmtFormatter(logging.Formatter):
+    """``ts=... level=info event=job_done id=c1-3 status=ok`` (one line per record)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(
+            record.created)) + f".{int(record.msecs):03d}Z", "level": record.levelname.lower(),
+            "event": record.getMessage()}
+        fields.update(getattr(record, "fields", {}))
+        return " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
+
+
+def _quote(value: Any) -> str:
+    text = f"{value:.6f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
+    if not text or any(c in text for c in ' "=\n'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+def _log(level: int, event: str, **fields: Any) -> None:
+    log.log(level, event, extra={"fields": fields})
+
+
+def default_socket_path() -> Path:
+    config.runtime_dir()  # created 0700 and checked to be ours
+    return Path(runtime.socket_path())
+
+
+@dataclass
+class DaemonConfig:
+    socket_path: Path = field(default_factory=default_socket_path)
+    pool_size: int = 4
+    max_running: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_queued: int = 4096
+    max_jobs_per_connection: int = 1024
+    max_message: int = 64 << 20
+    idle_timeout: float | None = None
+    warm: tuple[str, ...] = ()
+
+    def limits(self) -> dict[str, int]:
+        return {"max_running": self.max_running, "max_queued": self.max_queued,
+                "max_jobs_per_connection": self.max_jobs_per_connection,
+                "max_message": self.max_message, "pool_size": self.pool_size}
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+class Session:
+    """One client connection: its jobs and a lock that keeps messages whole."""
+
+    def __init__(self, daemon: Daemon, stream: trio.SocketStream, number: int) -> None:
+        self.daemon = daemon
+        self.stream = stream
+        self.name = f"c{number}"
+        self.conn = Connection("server", max_message=daemon.config.max_message)
+        self.jobs: dict[int, JobControl] = {}
+        self._send_lock = trio.Lock()
+        self.alive = True
+
+    async def send(self, event: Event) -> None:
+        if not self.alive:
+            return
+        data = self.conn.send(event)
+        async with self._send_lock:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.alive = False
+
+    async def serve(self) -> None:
+        sup = self.daemon.supervisor
+        try:
+            async with trio.open_nursery() as jobs:
+                try:
+                    await self._read_loop(jobs)
+                finally:
+                    self.alive = False
+                    for control in self.jobs.values():  # the client is gone: kill its jobs
+                        control.cancel()
+        finally:
+            _log(logging.INFO, "disconnect", conn=self.name, queued=len(sup.queued),
+                 running=len(sup.running))
+
+    async def _read_loop(self, jobs: trio.Nursery) -> None:
+        while True:
+            try:
+                data = await self.stream.receive_some(1 << 16)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            try:
+                self.conn.receive_data(data)
+                while (event := self.conn.next_event()) is not None:
+                    await self._dispatch(event, jobs)
+            except RemoteProtocolError as e:
+                _log(logging.WARNING, "protocol_error", conn=self.name, error=str(e))
+                with contextlib.suppress(SandboxError):
+                    await self.send(ErrorReply(None, str(e), fatal=True))
+                return
+
+    async def _dispatch(self, event: Event, jobs: trio.Nursery) -> None:
+        daemon = self.daemon
+        match event:
+            case Hello(client=client):
+                _log(logging.INFO, "connect", conn=self.name, client=client)
+                await self.send(Welcome(PROTOCOL_VERSION, f"sandbox {__version__}",
+                                        daemon.config.limits()))
+            case RunJob(id=job_id):
+                if job_id in self.jobs:
+                    await self.send(ErrorReply(job_id, f"job id {job_id} is already in use"))
+                elif daemon.stopping:
+                    await self.send(ErrorReply(job_id, "the daemon is shutting down"))
+                elif len(self.jobs) >= daemon.config.max_jobs_per_connection:
+                    await self.send(ErrorReply(job_id, "too many jobs on this connection "
+                                               f"(max {daemon.config.max_jobs_per_connection})"))
+                elif len(daemon.supervisor.queued) >= daemon.config.max_queued:
+                    await self.send(ErrorReply(job_id, "the queue is full (max "
+                                               f"{daemon.config.max_queued} waiting jobs)"))
+                else:
+                    control = JobControl(stdin_stream=event.stdin_stream)
+                    self.jobs[job_id] = control
+                    daemon.active_jobs += 1
+                    jobs.start_soon(self._run_job, event, control)
+            case StdinData(id=job_id, data=chunk, eof=eof):
+                target = self.jobs.get(job_id)
+                try:
+                    if target is None:
+                        raise SandboxError(f"no running job {job_id}")
+                    target.feed_stdin(chunk, eof)
+                except SandboxError as e:
+                    await self.send(ErrorReply(job_id, str(e)))
+            case CancelJob(id=job_id):
+                if (target := self.jobs.get(job_id)) is not None:
+                    target.cancel()
+                else:
+                    await self.send(ErrorReply(job_id, f"no running job {job_id}"))
+            case ListJobs(id=job_id):
+                sup = daemon.supervisor
+                await self.send(JobList(job_id, [j.to_dict() for j in sup.running.values()],
+                                        [j.to_dict() for j in sup.queued.values()],
+                                        daemon.config.limits(), sup.pool.stats()))
+            case Ping(id=job_id):
+                await self.send(Pong(job_id))
+            case GetVersion(id=job_id):
+                await self.send(VersionInfo(job_id, __version__, PROTOCOL_VERSION))
+            case _:
+                raise RemoteProtocolError(f"unexpected {wire_name(event)}")
+
+    async def _run_job(self, req: RunJob, control: JobControl) -> None:
+        sup = self.daemon.supervisor
+        t0 = time.monotonic()
+        token = trio.lowlevel.current_trio_token()
+
+        async def on_output(stream: str, data: bytes) -> None:
+            await self.send(Output(req.id, stream, data))
+
+        def on_progress(line: str) -> None:  # may be called from a build thread
+            token.run_sync_soon(self.daemon.nursery.start_soon, self.send,
+                                Progress(req.id, line))
+
+        async def announce_start() -> None:
+            await self.send(JobStarted(req.id))
+
+        control.on_start = announce_start
+        try:
+            spec = JobSpec.from_dict(req.spec)
+            if sup.admission.value == 0:
+                await self.send(JobQueued(req.id, len(sup.queued) + 1))
+            result = await sup.run(spec, on_output if req.stream_output else None,
+                                   control=control, owner=self.name, progress=on_progress)
+            if self.daemon.stopping and control.cancelled:
+                result = replace(result, status=Status.INTERNAL_ERROR,
+                                 message="the daemon shut down")
+            await self.send(JobFinished(req.id, result.to_dict()))
+            _log(logging.INFO, "job_done", conn=self.name, id=req.id, status=result.status.value,
+                 cpu=result.cpu_time, wall=result.wall_time, memory=result.memory,
+                 total=time.monotonic() - t0)
+        except SandboxError as e:
+            await self.send(ErrorReply(req.id, str(e)))
+            _log(logging.INFO, "job_refused", conn=self.name, id=req.id, error=str(e))
+        except Exception as e:  # a bug must cost one job, not the daemon
+            log.exception("job_crashed", extra={"fields": {"conn": self.name, "id": req.id}})
+            await self.send(ErrorReply(req.id, f"internal error: {type(e).__name__}: {e}"))
+        finally:
+            self.jobs.pop(req.id, None)
+            self.daemon.job_done()
+
+
+class Daemon:
+    def __init__(self, cfg: DaemonConfig) -> None:
+        self.config = cfg
+        self.supervisor = Supervisor(pool_size=cfg.pool_size, max_running=cfg.max_running)
+        self.sessions: set[Session] = set()
+        self.stopping = False
+        self.active_jobs = 0
+        self._all_done = trio.Event()
+        self._count = 0
+        self._last_activity = time.monotonic()
+        self._nursery: trio.Nursery | None = None
+
+    def job_done(self) -> None:
+        self.active_jobs -= 1
+        if self.stopping and self.active_jobs == 0:
+            self._all_done.set()
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        assert self._nursery is not None
+        return self._nursery
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self._count += 1
+        uid = peer_uid(stream.socket)  # type: ignore[arg-type]
+        if uid != os.geteuid():
+            _log(logging.WARNING, "refused", uid=uid, reason="another user")
+            await stream.aclose()
+            return
+        session = Session(self, stream, self._count)
+        self.sessions.add(session)
+        try:
+            async with stream:
+                await session.serve()
+        except Exception:  # a bug must cost one connection, not the daemon
+            log.exception("connection_crashed", extra={"fields": {"conn": session.name}})
+        finally:
+            self.sessions.discard(session)
+            self._last_activity = time.monotonic()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        # Catch SIGTERM/SIGINT from the very start, so that a stop during start-up is clean.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            await self._run(signals, task_status)
+
+    async def _run(self, signals: Any, task_status: Any) -> None:
+        path = self.config.socket_path
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise DaemonError(f"cannot use {path.parent} for the socket: {e.strerror}") from None
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DaemonError(f"a daemon already serves {path}") from None
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # left by a daemon that was killed
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            await sock.bind(str(path))
+            os.chmod(path, 0o600)
+            sock.listen(512)
+            listener = trio.SocketListener(sock)
+            try:
+                async with self.supervisor, trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._signals, signals, nursery)
+                    self.supervisor.pool.attach(nursery)
+                    await self._warm()
+                    if self.config.idle_timeout:
+                        nursery.start_soon(self._idle_watch, nursery)
+                    _log(logging.INFO, "listening", socket=str(path), pid=os.getpid(),
+                         pool=self.config.pool_size, max_running=self.config.max_running,
+                         cgroups=self.supervisor.cgroups.describe())
+                    task_status.started()
+                    await trio.serve_listeners(self.handle, [listener], handler_nursery=nursery)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                _log(logging.INFO, "stopped")
+        finally:
+            os.close(lock_fd)
+
+    async def _warm(self) -> None:
+        from .profiles import load_profile  # noqa: PLC0415
+
+        for item in self.config.warm:
+            ref, _, profile_name = item.partition("@")
+            profile = load_profile(profile_name or "default")
+            image = await self.supervisor.image(ref)
+            self.supervisor.pool.warm(self.supervisor.shape(image, profile, profile.limits))
+
+    async def _signals(self, signals: Any, nursery: trio.Nursery) -> None:
+        async for signum in signals:
+            _log(logging.INFO, "shutdown", signal=signal.Signals(signum).name)
+            await self.shutdown(nursery)
+            return
+
+    async def shutdown(self, nursery: trio.Nursery) -> None:
+        """Refuse new jobs, kill and report running ones, then stop serving."""
+        self.stopping = True
+        for session in list(self.sessions):
+            for control in session.jobs.values():
+                control.cancel()
+        if self.active_jobs:
+            with trio.move_on_after(10):
+                await self._all_done.wait()
+        nursery.cancel_scope.cancel()
+
+    async def _idle_watch(self, nursery: trio.Nursery) -> None:
+        timeout = float(self.config.idle_timeout or 0)
+        while True:
+            await trio.sleep(min(timeout, 1.0))
+            busy = self.sessions or self.supervisor.running or self.supervisor.queued
+            if busy:
+                self._last_activity = time.monotonic()
+            elif time.monotonic() - self._last_activity > timeout:
+                _log(logging.INFO, "idle_exit", idle=timeout)
+                await self.shutdown(nursery)
+                return
+
+
+def run_daemon(cfg: DaemonConfig, log_level: str = "info") -> None:
+    """Entry point of `sandbox daemon`."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogfmtFormatter())
+    log.addHandler(handler)
+    log.setLevel(log_level.upper())
+    log.propagate = False
+    daemon = Daemon(cfg)
+    trio.run(daemon.run)

@@ -1,0 +1,417 @@
+"""The daemon: concurrent clients, cancellation, disconnects, garbage, admission, the warm
+pool, SIGTERM and SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from sandbox.client import AsyncClient, Client
+from sandbox.errors import DaemonError, SandboxError
+from sandbox.spec import JobSpec, Limits
+from tests.conftest import SANDBOX, TEST_USER, Runner
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    path: Path
+    log: Path
+    user: str | None = None
+
+    def client(self) -> Client:
+        return Client(self.path, mode="daemon")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Signal the daemon itself (under runuser, runuser's child: runuser does not
+        forward signals) and return its exit status."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        if self.user and children.exists():
+            for child in children.read_text().split():
+                os.kill(int(child), sig)
+        else:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+
+def start_daemon(directory: Path, *args: str, user: str | None = None,
+                 env: dict[str, str] | None = None) -> Daemon:
+    path = directory / "sandbox.sock"
+    log = directory / "daemon.log"
+    cmd = [SANDBOX, "daemon", "--socket", str(path), *args]
+    if user is not None:
+        cmd = ["runuser", "-u", user, "--", "env", "-i",
+               *[f"{k}={v}" for k, v in (env or {}).items()], *cmd]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=f)
+    daemon = Daemon(proc, path, log, user)
+    deadline = time.monotonic() + 30
+    while "event=listening" not in log.read_text():  # (a probe from root would be refused)
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                daemon.stop(signal.SIGKILL)
+            raise AssertionError(f"daemon did not start: {log.read_text()}")
+        time.sleep(0.02)
+    return daemon
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, root_runner: Runner) -> Iterator[Daemon]:
+    d = start_daemon(tmp_path, "--pool", "2", "--warm", "busybox")
+    yield d
+    if d.proc.poll() is None:
+        assert d.stop() == 0, d.log.read_text()
+    assert not d.path.exists(), "the socket was not removed"
+
+
+def spec(*argv: str, **kw: object) -> JobSpec:
+    return JobSpec(image="busybox", argv=argv, **kw)  # type: ignore[arg-type]
+
+
+def test_cli_uses_the_daemon(daemon: Daemon, shared_tmp: Path) -> None:
+    """The fast path of `sandbox exec` behaves like the full CLI."""
+    def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([SANDBOX, "exec", *args], capture_output=True, check=False,
+                              input=stdin, env={**os.environ, "SANDBOX_SOCKET": str(daemon.path)})
+
+    proc = cli("--json", "--image", "busybox", "sh", "-c", "echo $((6*7))")
+    result = json.loads(proc.stdout)
+    assert (result["status"], result["stdout"], proc.returncode) == ("ok", "42\n", 0)
+    assert "job_done" in daemon.log.read_text()  # it really went through the daemon
+    proc = cli("--image", "busybox", "sh", "-c", "echo out; echo err >&2; kill -TERM $$")
+    assert (proc.stdout, proc.returncode) == (b"out\n", 128 + 15)
+    assert proc.stderr.startswith(b"err\nsandbox: killed by signal 15")
+    script = shared_tmp / "prog"
+    script.write_text("#!/bin/sh\necho args: \"$@\"; cat\n")
+    script.chmod(0o755)
+    proc = cli("--image", "busybox", "--stdin", "-", str(script), "a", "b", stdin=b"in\n")
+    assert (proc.stdout, proc.returncode) == (b"args: a b\nin\n", 0)
+    for bad in (["--image", "no-such-image", "true"], ["--memory", "lots", "true"],
+                ["--image", "busybox", "--profile", "nope", "true"]):
+        proc = cli(*bad)
+        assert proc.returncode == 125, bad
+        assert len(proc.stderr.splitlines()) == 1 and b"Traceback" not in proc.stderr
+
+
+def test_client_run_with_limits(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        assert not client.embedded
+        r = client.run(spec("sh", "-c", "while :; do :; done", limits=Limits(time=0.5)))
+        assert (r.status.value, r.signal) == ("time_limit", 9)
+        r = client.run(spec("sh", "-c", "echo out; echo err >&2; exit 3"))
+        assert (r.status.value, r.exit_code, r.stdout, r.stderr) == ("nonzero_exit", 3,
+                                                                     b"out\n", b"err\n")
+        assert client.ping() < 1
+        assert client.version()["protocol"] == 1
+
+
+def test_bad_spec_is_an_error_for_that_job_only(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        with pytest.raises(SandboxError, match="not found"):
+            client.run(JobSpec(image="no-such-image", argv=("true",)))
+        assert client.run(spec("true")).status.value == "ok"
+
+
+def test_concurrent_clients(daemon: Daemon) -> None:
+    results: dict[int, bytes] = {}
+
+    def worker(n: int) -> None:
+        with daemon.client() as client:
+            for i in range(5):
+                r = client.run(spec("sh", "-c", f"echo {n}-{i}"))
+                results[n * 10 + i] = r.stdout
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {n * 10 + i: f"{n}-{i}\n".encode() for n in range(4) for i in range(5)}
+
+
+def test_many_jobs_over_one_connection(daemon: Daemon) -> None:
+    async def main() -> list[bytes]:
+        outputs: list[bytes] = [b""] * 20
+        async with AsyncClient(daemon.path) as client:
+            async def one(i: int) -> None:
+                r = await client.run(spec("sh", "-c", f"sleep 0.0{i % 5}; echo {i}"))
+                outputs[i] = r.stdout
+
+            async with trio.open_nursery() as n:
+                for i in range(20):
+                    n.start_soon(one, i)
+            listing = await client.list_jobs()
+            assert listing["running"] == [] and listing["queued"] == []
+        return outputs
+
+    assert trio.run(main) == [f"{i}\n".encode() for i in range(20)]
+
+
+def test_output_streams_as_it_is_written(daemon: Daemon) -> None:
+    async def main() -> list[tuple[float, bytes]]:
+        arrivals: list[tuple[float, bytes]] = []
+        async with AsyncClient(daemon.path) as client:
+            await client.run(spec("sh", "-c", "echo first; sleep 1; echo second"),
+                             on_output=lambda s, d: arrivals.append((time.monotonic(), d)))
+            arrivals.append((time.monotonic(), b"<done>"))
+        return arrivals
+
+    arrivals = trio.run(main)
+    assert [d for _, d in arrivals] == [b"first\n", b"second\n", b"<done>"]
+    assert arrivals[2][0] - arrivals[0][0] >= 0.9  # the first line came before the end
+
+
+def test_stdin_stream(daemon: Daemon) -> None:
+    async def main() -> bytes:
+        async def lines() -> object:
+            for i in range(3):
+                yield f"line {i}\n".encode()
+                await trio.sleep(0.05)
+
+        async with AsyncClient(daemon.path) as client:
+            r = await client.run(spec("sh", "-c", "cat; echo end"),
+                                 stdin=lines())  # type: ignore[arg-type]
+        return r.stdout
+
+    assert trio.run(main) == b"line 0\nline 1\nline 2\nend\n"
+
+
+def _job_processes(marker: str) -> list[str]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if marker.encode() in (p / "cmdline").read_bytes():
+                    out.append(p.name)
+            except OSError:
+                continue
+    return out
+
+
+def _wait_gone(marker: str, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while _job_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _job_processes(marker), f"job {marker} still running"
+
+
+def test_cancel(daemon: Daemon) -> None:
+    marker = f"cancelme{os.getpid()}"
+
+    async def main() -> object:
+        async with AsyncClient(daemon.path) as client, trio.open_nursery() as n:
+            result: list[object] = []
+
+            async def run() -> None:
+                result.append(await client.run(spec("sh", "-c", f"sleep 30; : {marker}")))
+
+            n.start_soon(run)
+            with trio.fail_after(20):
+                while not _job_processes(marker):  # noqa: ASYNC110 - polling /proc
+                    await trio.sleep(0.02)
+            await client.cancel(1)
+        return result[0]
+
+    started = time.monotonic()
+    r = trio.run(main)
+    assert time.monotonic() - started < 10
+    assert (r.status.value, r.signal, r.message) == ("signaled", 9, "cancelled")  # type: ignore[attr-defined]
+    _wait_gone(marker)
+
+
+def _raw_connect(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(path))
+    return s
+
+
+def _frame(obj: dict[str, object]) -> bytes:
+    import msgpack
+
+    body = msgpack.packb(obj, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+
+def test_disconnect_kills_the_clients_jobs(daemon: Daemon) -> None:
+    marker = f"orphan{os.getpid()}"
+    s = _raw_connect(daemon.path)
+    s.sendall(_frame({"t": "hello", "version": 1}) + _frame(
+        {"t": "run", "id": 1, "spec": spec("sh", "-c", f"sleep 30; : {marker}").to_dict()}))
+    deadline = time.monotonic() + 10
+    while not _job_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _job_processes(marker)
+    s.close()
+    _wait_gone(marker)
+    with daemon.client() as client:
+        deadline = time.monotonic() + 5
+        while client.list_jobs()["running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.list_jobs()["running"] == []
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x00\x00\x00\x05hello",                       # a frame that is not msgpack
+    struct.pack(">I", 1 << 31) + b"x" * 100,        # oversized
+    _frame({"t": "run", "id": 1, "spec": {}}),      # no handshake first
+    _frame({"t": "hello", "version": 99}),          # unknown protocol version
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+])
+def test_garbage_gets_an_error_and_others_carry_on(daemon: Daemon, garbage: bytes) -> None:
+    with daemon.client() as bystander:
+        s = _raw_connect(daemon.path)
+        s.settimeout(10)
+        s.sendall(garbage)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+        s.close()
+        assert b"error" in reply  # a fatal error reply, then the daemon hung up
+        assert bystander.run(spec("echo", "fine")).stdout == b"fine\n"
+    assert daemon.proc.poll() is None
+
+
+def test_admission_control_and_queue(tmp_path: Path, root_runner: Runner) -> None:
+    d = start_daemon(tmp_path, "--pool", "0", "--max-running", "1", "--max-queued", "1")
+
+    async def main() -> tuple[dict[str, object], list[str]]:
+        errors: list[str] = []
+        async with AsyncClient(d.path) as client, trio.open_nursery() as n:
+            async def run(argv: tuple[str, ...]) -> None:
+                try:
+                    await client.run(spec(*argv))
+                except SandboxError as e:
+                    errors.append(str(e))
+
+            n.start_soon(run, ("sleep", "1"))
+            await trio.sleep(0.5)
+            n.start_soon(run, ("true",))
+            await trio.sleep(0.2)
+            listing = await client.list_jobs()
+            n.start_soon(run, ("true",))  # the queue (1) is full
+        return listing, errors
+
+    try:
+        listing, errors = trio.run(main)
+    finally:
+        assert d.stop() == 0
+    assert len(listing["running"]) == 1 and len(listing["queued"]) == 1  # type: ignore[arg-type]
+    assert listing["limits"]["max_running"] == 1  # type: ignore[index]
+    assert errors and "queue is full" in errors[0]
+
+
+def _wait_warm(client: Client) -> None:
+    deadline = time.monotonic() + 10
+    while client.list_jobs()["pool"]["idle"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_warm_pool_gives_each_job_a_fresh_sandbox(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        _wait_warm(client)
+        first = client.run(spec("sh", "-c", "echo x > /work/left; echo y > /tmp/left; "
+                                "echo z > /dev/shm/left; ls /proc | grep -c '^[0-9]'"))
+        assert first.status.value == "ok"
+        _wait_warm(client)
+        second = client.run(spec("sh", "-c", "ls -A /work /tmp /dev/shm"))
+        assert b"left" not in second.stdout
+        assert client.list_jobs()["pool"]["warm_hits"] >= 2
+
+
+def test_sigterm_kills_and_reports_running_jobs(tmp_path: Path, root_runner: Runner) -> None:
+    d = start_daemon(tmp_path, "--pool", "1")
+    marker = f"term{os.getpid()}"
+    results: list[object] = []
+
+    def run() -> None:
+        with d.client() as client:
+            results.append(client.run(spec("sh", "-c", f"sleep 60; : {marker}")))
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not _job_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert d.stop(signal.SIGTERM) == 0
+    t.join(10)
+    assert results and results[0].status.value == "internal_error"  # type: ignore[attr-defined]
+    assert "shut down" in results[0].message  # type: ignore[attr-defined]
+    _wait_gone(marker)
+    assert not d.path.exists()
+
+
+def test_sigkill_leaves_no_job_and_restart_cleans_up(tmp_path: Path,
+                                                     root_runner: Runner) -> None:
+    d = start_daemon(tmp_path, "--pool", "2", "--warm", "busybox")
+    marker = f"kill{os.getpid()}"
+    s = _raw_connect(d.path)
+    s.sendall(_frame({"t": "hello", "version": 1}) + _frame(
+        {"t": "run", "id": 1, "spec": spec("sh", "-c", f"sleep 60; : {marker}").to_dict()}))
+    deadline = time.monotonic() + 10
+    while not _job_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pid = d.proc.pid
+    d.stop(signal.SIGKILL)
+    s.close()
+    _wait_gone(marker)  # no job outlives its daemon
+    stale = [p for p in Path("/sys/fs/cgroup/memory/sandbox").glob(f"*/{pid}-*")]
+    d2 = start_daemon(tmp_path, "--pool", "0")  # a stale socket is replaced
+    try:
+        with d2.client() as client:
+            assert client.run(spec("true")).status.value == "ok"
+        assert not any(p.exists() for p in stale), "a restarted daemon removes stale cgroups"
+    finally:
+        assert d2.stop() == 0
+
+
+def test_other_users_are_refused(shared_tmp: Path, root_runner: Runner,
+                                 user_runner: Runner) -> None:
+    daemon = start_daemon(shared_tmp, "--pool", "0")
+    # open the way (the socket is normally 0600 in a 0700 directory) to reach the check
+    os.chmod(daemon.path, 0o666)
+    hello = _frame({"t": "hello", "version": 1}).hex()
+    code = ("import socket; s = socket.socket(socket.AF_UNIX)\n"
+            "try:\n"
+            f"    s.connect({str(daemon.path)!r}); s.sendall(bytes.fromhex({hello!r}))\n"
+            "    print(len(s.recv(100)))\n"
+            "except (ConnectionResetError, BrokenPipeError):\n    print(0)")
+    proc = subprocess.run(["runuser", "-u", TEST_USER, "--", "/usr/bin/python3", "-c", code],
+                          capture_output=True, text=True, check=False, timeout=30)
+    assert daemon.stop() == 0
+    assert proc.stdout.strip() == "0", proc  # the daemon closed without a word
+    assert "refused" in daemon.log.read_text()
+
+
+def test_daemon_as_unprivileged_user(shared_tmp: Path, user_runner: Runner) -> None:
+    os.chmod(shared_tmp, 0o777)
+    d = start_daemon(shared_tmp, "--pool", "1", user=TEST_USER, env=user_runner.env)
+    try:
+        proc = user_runner.run(["exec", "--json", "--image", "busybox", "id", "-u"],
+                               extra_env={"SANDBOX_SOCKET": str(d.path)})
+        result = json.loads(proc.stdout)
+        assert (result["status"], result["stdout"]) == ("ok", "1000\n")
+        assert "job_done" in d.log.read_text()
+    finally:
+        assert d.stop() == 0
+
+
+def test_client_falls_back_to_embedded(tmp_path: Path, root_runner: Runner) -> None:
+    with Client(tmp_path / "nobody-here.sock") as client:
+        assert client.embedded
+        assert client.run(spec("echo", "embedded")).stdout == b"embedded\n"
+    with pytest.raises(DaemonError):
+        Client(tmp_path / "nobody-here.sock", mode="daemon")
