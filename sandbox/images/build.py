@@ -163,11 +163,9 @@ def _context_path(context: Path, rel: str, ins: Instruction, path: str) -> Path:
     return real
 
 
-def _bootstrap(suite: str, flags: dict[str, str], out: Path, log: Progress) -> None:
-    """Run mmdebstrap (rootless unless we are root) and write a rootfs tar to ``out``."""
-    if shutil.which("mmdebstrap") is None:
-        raise ImageError("mmdebstrap is not installed (apt install mmdebstrap); it builds "
-                         f"debian:{suite} images")
+def bootstrap_command(suite: str, flags: dict[str, str], out: str) -> list[str]:
+    """The mmdebstrap command (rootless unless we are root) that writes a rootfs tar of
+    ``debian:SUITE`` to ``out``; the build cache keys the layer on it."""
     variant = flags.get("variant", "minbase")
     mode = "root" if os.geteuid() == 0 else "unshare"
     cmd = ["mmdebstrap", f"--mode={mode}", f"--variant={variant}", "--format=tar"]
@@ -176,15 +174,25 @@ def _bootstrap(suite: str, flags: dict[str, str], out: Path, log: Progress) -> N
     if components := flags.get("components"):
         cmd.append(f"--components={components}")
     # mmdebstrap copies the host's resolv.conf and hostname in: keep them out of the image
-    cmd += ['--customize-hook=rm -f "$1/etc/resolv.conf"',
-            '--customize-hook=echo localhost > "$1/etc/hostname"']
+    # (at the end, as apt may run inside the chroot; extract runs no customize hooks)
+    hook = "--setup-hook" if variant == "extract" else "--customize-hook"
+    cmd.append(f'{hook}=rm -f "$1/etc/resolv.conf"; echo localhost > "$1/etc/hostname"')
     if variant != "extract":
         if MERGED_USR_HOOKS.is_dir():
             cmd.append(f"--hook-dir={MERGED_USR_HOOKS}")
         cmd += [f"--dpkgopt={opt}" for opt in TRIM_DPKG]
-    cmd += [suite, str(out)]
+    cmd += [suite, out]
     if mirror := flags.get("mirror"):
         cmd.append(mirror)
+    return cmd
+
+
+def _bootstrap(cmd: list[str], log: Progress) -> None:
+    """Run a `bootstrap_command`."""
+    if shutil.which("mmdebstrap") is None:
+        raise ImageError("mmdebstrap is not installed (apt install mmdebstrap); it builds "
+                         "debian:SUITE images")
+    mode = cmd[1].removeprefix("--mode=")
     log(f" ---> {' '.join(cmd)}")
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "TMPDIR": "/tmp",
            "LANG": "C.UTF-8", "HOME": str(Path.home())}
@@ -296,14 +304,15 @@ async def _from(sup: Supervisor, state: _State, cache: _Cache, ins: Instruction,
         return False
     if bootstrap:
         suite = name.split(":", 1)[1]
-        key = cache.key("FROM", " ".join(f"--{k}={v}" for k, v in ins.flags.items()), name)
+        key = cache.key("FROM", *bootstrap_command(suite, ins.flags, "-"))
         if (layer := cache.get(key)) is not None:
             state.layers.append(layer)
             _history(state, ins, empty=False)
             return True
         with sup.store.tempdir() as tmp:
             out = Path(tmp) / "rootfs.tar"
-            await trio.to_thread.run_sync(_bootstrap, suite, ins.flags, out, log)
+            cmd = bootstrap_command(suite, ins.flags, str(out))
+            await trio.to_thread.run_sync(_bootstrap, cmd, log)
             layer = await trio.to_thread.run_sync(sup.store.import_layer_tar, out)
         cache.put(key, layer)
         state.layers.append(layer)

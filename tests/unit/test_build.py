@@ -74,3 +74,14 @@ def test_a_missing_base_image_names_the_line(tmp_path: Path) -> None:
     (ctx / "Sandboxfile").write_text("FROM no-such-image\n")
     with pytest.raises(ImageError, match=r"Sandboxfile:1: image 'no-such-image' not found"):
         run_build(ctx, Store(tmp_path / "store"))
+
+
+def test_bootstrap_commands_keep_the_hosts_files_out() -> None:
+    full = build.bootstrap_command("bookworm", {"variant": "custom", "include": "dash"}, "o")
+    assert full[-2:] == ["bookworm", "o"] and "--include=dash" in full
+    assert any(a.startswith("--customize-hook=rm -f \"$1/etc/resolv.conf\"") for a in full)
+    assert "--dpkgopt=path-exclude=/usr/share/man/*" in full  # no docs, man pages, locales
+    extract = build.bootstrap_command("bookworm", {"variant": "extract"}, "o")
+    # mmdebstrap runs no customize hooks for the extract variant
+    assert any(a.startswith("--setup-hook=rm -f") for a in extract)
+    assert not any(a.startswith("--customize-hook") for a in extract)

@@ -35,7 +35,7 @@ def shipped(request: pytest.FixtureRequest) -> Iterator[Runner]:
             else request.getfixturevalue("user_runner"))
     runner, home = store_of(base, None)
     try:
-        for name in ("cpp", "py3"):
+        for name in ("cpp", "py3", "busybox"):
             runner.run(["image", "build", name], check=True, timeout=1200)
         yield runner
     finally:
@@ -45,9 +45,10 @@ def shipped(request: pytest.FixtureRequest) -> Iterator[Runner]:
 def test_py3_and_cpp_share_the_base_and_stay_small(shipped: Runner) -> None:
     images = {i["name"]: i for i in json.loads(shipped.run(["images", "--json"],
                                                            check=True).stdout)}
-    assert set(images) == {"base:latest", "py3:latest", "cpp:latest"}
+    assert set(images) == {"base:latest", "py3:latest", "cpp:latest", "busybox:latest"}
     layers = {name: json.loads(shipped.run(["image", "inspect", name], check=True).stdout)
               ["layers"] for name in images}
+    assert images["busybox:latest"]["size"] < 5_000_000
     base = layers["base:latest"]
     assert layers["py3:latest"][:len(base)] == layers["cpp:latest"][:len(base)] == base
     assert len(layers["py3:latest"]) == len(layers["cpp:latest"]) == len(base) + 1
@@ -69,6 +70,14 @@ TRIMMED = ("find /usr/share/doc -type f ! -name copyright | wc -l; "
 def test_no_docs_man_pages_locales_or_apt_caches(shipped: Runner, image: str) -> None:
     r = shipped.exec("sh", "-c", TRIMMED, image=image)
     assert r["stdout"].split() == ["0", "0", "0", "0", "no-resolv.conf", "localhost"], r
+
+
+@pytest.mark.parametrize("image", ["busybox", "base"])
+def test_bootstrapped_images_keep_no_host_files(shipped: Runner, image: str) -> None:
+    # mmdebstrap copies the host's resolv.conf and hostname into what it bootstraps
+    r = shipped.exec("sh", "-c", "test -e /etc/resolv.conf || echo none; cat /etc/hostname",
+                     image=image)
+    assert r["stdout"].split() == ["none", "localhost"], r
 
 
 def test_cpp_compiles_and_runs_c_and_cpp(shipped: Runner, shared_tmp: Path) -> None:
