@@ -9,6 +9,7 @@ import io
 import json
 import os
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,8 +164,6 @@ def crafted(draw: st.DrawFn) -> list[tuple[str, str, str]]:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(crafted())
 def test_no_crafted_tar_writes_outside(spec: list[tuple[str, str, str]]) -> None:
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         outside = Path(tmp) / "outside"
         outside.mkdir(mode=0o700)

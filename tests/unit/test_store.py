@@ -14,15 +14,15 @@ import pytest
 from sandbox.errors import ImageError
 from sandbox.images import gc
 from sandbox.images.store import Layer, Store
-from tests.layertools import directory, file, tar_bytes
+from tests.layertools import Entry, directory, file, tar_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def add_layer(store: Store, entries: list[object]) -> Layer:
+def add_layer(store: Store, entries: list[Entry]) -> Layer:
     with store.tempdir() as tmp:
         path = Path(tmp) / "layer.tar"
-        path.write_bytes(tar_bytes(entries))  # type: ignore[arg-type]
+        path.write_bytes(tar_bytes(entries))
         return store.import_layer_tar(path)
 
 
