@@ -106,6 +106,8 @@ class _Unpacker:
             return None  # devices never come from an image; 0:0 (a whiteout) is handled above
         if member.islnk():
             link = _clean_name(member.linkname)
+            if link == rel:
+                raise UnsafeLayerError(f"hard link {rel!r} points to itself")
             _check_parents(self.root, link)
             target = os.path.join(self.root, link)
             if not os.path.isfile(target) or os.path.islink(target):
@@ -150,7 +152,7 @@ def unpack(fileobj: IO[bytes], target: Path, *, max_bytes: int = DEFAULT_MAX_BYT
                 checked = unpacker.filter(member, root)
                 if checked is not None:
                     tar.extract(checked, root, **_TRUSTED)
-    except tarfile.TarError as e:
+    except (tarfile.TarError, ValueError, KeyError) as e:  # tarfile's own, on odd input
         raise UnsafeLayerError(f"malformed layer archive: {e}") from None
     _finish(root, unpacker)
 

@@ -250,3 +250,9 @@ def test_a_crafted_layer_in_an_archive_is_refused_before_any_name_points_at_it(
         load(tmp_path, data)
     assert Store(tmp_path / "store").refs() == []
     assert not (tmp_path / "escape").exists()
+
+
+def test_a_hardlink_to_itself_is_refused(tmp_path: Path, outside: Path) -> None:
+    # found by test_no_crafted_tar_writes_outside: tarfile itself failed on it
+    with pytest.raises(UnsafeLayerError, match="points to itself"):
+        unpack([file("a", b"x"), hardlink("a", "a")], tmp_path / "layer")
