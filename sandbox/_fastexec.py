@@ -9,6 +9,7 @@ same options. Once a job is submitted, the fast path sees it through.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -160,39 +161,63 @@ def run(argv: list[str]) -> int | None:
         daemon.sock.close()
         return None
     as_json = opts["json"]
-    out, err = sys.stdout.buffer, sys.stderr.buffer
     try:
         daemon.send(RunJob(1, spec, stream_output=not as_json))
         while True:
             event = daemon.read()
             if isinstance(event, Output):
-                stream = out if event.stream == "stdout" else err
-                stream.write(event.data)
-                stream.flush()
+                _write(event.stream, event.data)
             elif isinstance(event, Progress):
                 if event.line.startswith(("Step ", " --->", "Successfully")):
-                    err.write(f"{event.line}\n".encode())
-                    err.flush()
+                    _write("stderr", f"{event.line}\n".encode())
             elif isinstance(event, JobFinished):
                 result = event.result
                 break
             elif isinstance(event, ErrorReply):
                 return _error(event.message, as_json)
+        if as_json:
+            _write("stdout", json.dumps(verdict.json_view(result)).encode() + b"\n")
+        elif result["status"] != "ok":
+            _write("stderr", verdict.summary(result).encode() + b"\n")
+    except _Unwritable as e:  # closing the connection makes the daemon kill the job
+        return _error(str(e), False)
     except (OSError, SpecError) as e:
         return _error(f"lost the daemon: {e}", as_json)
     finally:
         daemon.sock.close()
-    if as_json:
-        out.write(json.dumps(verdict.json_view(result)).encode() + b"\n")
-        out.flush()
-    elif result["status"] != "ok":
-        err.write(verdict.summary(result).encode() + b"\n")
     return verdict.cli_exit_code(result)
+
+
+class _Unwritable(Exception):
+    """Our own stdout or stderr cannot take the job's output (a full disk, a closed pipe)."""
+
+
+def _write(stream: str, data: bytes) -> None:
+    out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+    try:
+        out.write(data)
+        out.flush()
+    except OSError as e:
+        raise _Unwritable(f"cannot write the job's {stream}: {e.strerror}") from None
+
+
+def _drop_unwritable_stdout() -> None:
+    """Throw away what stdout cannot take, so that the interpreter's last flush does not
+    turn our exit code into 120."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _error(message: str, as_json: bool) -> int:
     if as_json:
-        sys.stdout.write(json.dumps(verdict.internal_error(message)) + "\n")
-        sys.stdout.flush()
-    sys.stderr.write(f"sandbox: error: {message}\n")
+        with contextlib.suppress(OSError):
+            sys.stdout.write(json.dumps(verdict.internal_error(message)) + "\n")
+    _drop_unwritable_stdout()
+    with contextlib.suppress(OSError):
+        sys.stderr.write(f"sandbox: error: {message}\n")
+        sys.stderr.flush()
     return 125

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import click
 
+from . import cli_registry
 from .errors import SandboxError, SpecError
 
 EXIT_SANDBOX = 125
@@ -24,7 +25,19 @@ EXIT_SANDBOX = 125
 
 def fail(message: str) -> NoReturn:
     click.echo(f"sandbox: error: {message}", err=True)
+    _drop_unwritable_stdout()
     sys.exit(EXIT_SANDBOX)
+
+
+def _drop_unwritable_stdout() -> None:
+    """If stdout cannot take what is buffered (a full disk, a closed pipe), drop it, so
+    that the interpreter's final flush does not turn exit 125 into 120."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 class _Progress:
@@ -152,10 +165,14 @@ def exec_cmd(image: str, profile: str, time_: float | None, wall_time: float | N
 
             click.echo(json.dumps(internal_error(str(e))))
         fail(str(e))
-    if as_json:
-        click.echo(json.dumps(result.to_json()))
-    elif result.status.value != "ok":
-        click.echo(result.summary(), err=True)
+    try:
+        if as_json:
+            click.echo(json.dumps(result.to_json()))
+        elif result.status.value != "ok":
+            click.echo(result.summary(), err=True)
+        sys.stdout.flush()
+    except OSError as e:
+        fail(f"cannot write the result: {e.strerror}")
     sys.exit(result.cli_exit_code)
 
 
@@ -173,8 +190,11 @@ def _host_file(path: str) -> Any:
 
 def _passthrough(stream: str, chunk: bytes) -> None:
     out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
-    out.write(chunk)
-    out.flush()
+    try:
+        out.write(chunk)
+        out.flush()
+    except OSError as e:  # a full disk, a closed pipe: the job is killed, we say why
+        raise SandboxError(f"cannot write the job's {stream}: {e.strerror}") from None
 
 
 # ---------------------------------------------------------------------------- images
@@ -502,6 +522,10 @@ def system_setup(user: str) -> None:
 
     for line in setup_user(user):
         click.echo(line)
+
+
+for _command in cli_registry.COMMANDS:  # pull, push, login, logout
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -203,13 +203,29 @@ def run_embedded(spec: JobSpec, *, on_output: OutputSink | None = None,
 
     async def forward(stream: str, chunk: bytes) -> None:
         if on_output is not None:
-            on_output(stream, chunk)
+            # In a thread: a reader that stalls (a full pipe) must not stop the event loop,
+            # whose watchdogs enforce the job's time limits.
+            await trio.to_thread.run_sync(on_output, stream, chunk)
 
     async def main() -> Result:
         async with Supervisor(on_progress=on_progress) as sup:
             return await sup.run(spec, forward if on_output else None)
 
-    return trio.run(main)
+    try:
+        return trio.run(main)
+    except BaseExceptionGroup as group:  # trio nurseries wrap what a task raised
+        if (error := _first_sandbox_error(group)) is not None:
+            raise error from None
+        raise
+
+
+def _first_sandbox_error(group: BaseExceptionGroup[BaseException]) -> SandboxError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, SandboxError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup) and (found := _first_sandbox_error(exc)):
+            return found
+    return None
 
 
 def start_daemon(path: Path, idle_timeout: float = 300.0, wait: float = 10.0) -> None:

@@ -5,7 +5,8 @@ SandboxError                 (CLI exit 125)
 ├── SpecError                bad user input: sizes, options, unknown profile, missing file
 ├── ProfileError             a profile file that does not parse or validate
 ├── ImageError               unknown image, broken store, failed build
-│   └── UnsafeLayerError     a layer tar that tries to write outside its target
+│   ├── UnsafeLayerError     a layer tar that tries to write outside its target
+│   └── RegistryError        a registry refused, failed or sent something we refuse
 ├── CgroupError              no usable cgroup subtree, or a limit that cannot be enforced
 ├── SetupError               the child failed while building the sandbox (step, errno)
 ├── ProtocolError            a peer broke the wire protocol
@@ -38,6 +39,10 @@ class ImageError(SandboxError):
 
 class UnsafeLayerError(ImageError):
     """A layer archive tried to write outside its target or contained forbidden entries."""
+
+
+class RegistryError(ImageError):
+    """A registry could not be reached, refused a request, or sent something we refuse."""
 
 
 class CgroupError(SandboxError):

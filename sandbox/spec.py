@@ -67,8 +67,8 @@ class Limits:
                 raise SpecError(f"invalid {f.name} limit {value!r}") from None
             except SpecError as e:
                 raise SpecError(f"{f.name}: {e}") from None
-            if f.name == "pids" and parsed < 1:
-                raise SpecError(f"invalid pids limit {value!r}: must be at least 1")
+            if f.name == "pids" and not 1 <= parsed <= 1 << 22:
+                raise SpecError(f"invalid pids limit {value!r}: must be 1 to {1 << 22}")
             if f.name in ("memory", "disk") and parsed < 65536:
                 raise SpecError(f"invalid {f.name} limit {value!r}: must be at least 64K")
             object.__setattr__(self, f.name, parsed)
@@ -109,6 +109,10 @@ class File:
     mode: int = 0o644
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not isinstance(self.data, bytes):
+            raise SpecError("a file needs a name (a string) and data (bytes)")
+        if not isinstance(self.mode, int) or isinstance(self.mode, bool):
+            raise SpecError(f"invalid file mode {self.mode!r} for {self.name}")
         parts = self.name.split("/")
         if (not _NAME_RE.match(self.name) or any(p in ("", ".", "..") for p in parts)):
             raise SpecError(f"invalid file name {self.name!r}: must be a relative path")
@@ -156,13 +160,23 @@ class JobSpec:
             raise SpecError("nothing to run: argv is empty")
         if not all(isinstance(a, str) and "\0" not in a for a in self.argv):
             raise SpecError("argv entries must be strings without NUL bytes")
+        if not isinstance(self.env, Mapping):
+            raise SpecError("env must be a mapping of names to strings")
         for key, value in self.env.items():
-            if not _ENV_KEY_RE.match(key) or "\0" in value:
+            if (not isinstance(key, str) or not isinstance(value, str)
+                    or not _ENV_KEY_RE.match(key) or "\0" in value):
                 raise SpecError(f"invalid environment variable {key!r}")
-        if not self.image:
+        if not isinstance(self.image, str) or not self.image:
             raise SpecError("no image given")
-        if not re.match(r"^[a-z0-9][a-z0-9_.-]*$", self.profile):
+        if not isinstance(self.profile, str) or not re.match(r"^[a-z0-9][a-z0-9_.-]*$",
+                                                             self.profile):
             raise SpecError(f"invalid profile name {self.profile!r}")
+        if self.stdin is not None and not isinstance(self.stdin, bytes):
+            raise SpecError("stdin must be bytes")
+        if not isinstance(self.entrypoint, bool):
+            raise SpecError("entrypoint must be true or false")
+        if not all(isinstance(f, File) for f in self.files):
+            raise SpecError("files must be File objects")
         names = [f.name for f in self.files]
         if len(names) != len(set(names)):
             raise SpecError("two files with the same name")
@@ -197,7 +211,7 @@ class JobSpec:
                 profile=data.get("profile", "default"),
                 entrypoint=bool(data.get("entrypoint", False)),
             )
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SpecError(f"malformed job spec: {e}") from None
 
 

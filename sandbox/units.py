@@ -10,6 +10,7 @@ from .errors import SpecError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MAX_SIZE = (1 << 63) - 1  # what the kernel's 64-bit counters take
 
 
 def parse_size(value: str | int) -> int:
@@ -17,14 +18,16 @@ def parse_size(value: str | int) -> int:
     if isinstance(value, bool):
         raise SpecError(f"invalid size {value!r}")
     if isinstance(value, int):
-        if value < 0:
-            raise SpecError(f"invalid size {value}: must not be negative")
+        if not 0 <= value <= MAX_SIZE:
+            raise SpecError(f"invalid size {value}: must be between 0 and {MAX_SIZE}")
         return value
-    m = _SIZE_RE.match(value)
+    m = _SIZE_RE.match(value) if isinstance(value, str) else None
     if not m:
         raise SpecError(f"invalid size {value!r}: expected a number with an optional K, M or G")
-    number, unit = float(m.group(1)), m.group(2).lower()
-    return int(number * _UNITS[unit])
+    size = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not size <= MAX_SIZE:  # also catches inf
+        raise SpecError(f"invalid size {value!r}: too large")
+    return int(size)
 
 
 def parse_seconds(value: str | float | int) -> float:
@@ -33,6 +36,8 @@ def parse_seconds(value: str | float | int) -> float:
         raise SpecError(f"invalid duration {value!r}")
     if isinstance(value, int | float):
         seconds = float(value)
+    elif not isinstance(value, str):
+        raise SpecError(f"invalid duration {value!r}: expected seconds, e.g. 2 or 0.5")
     else:
         text = value.strip().lower()
         scale = 1.0

@@ -11,15 +11,19 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from sandbox.client import Client
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -47,6 +51,12 @@ class Runner:
     @property
     def name(self) -> str:
         return self.user or pwd.getpwuid(os.getuid()).pw_name
+
+    def store(self) -> Path:
+        """This runner's image store (what `sandbox` uses as $SANDBOX_HOME)."""
+        home = self.env.get("SANDBOX_HOME") or (
+            os.environ.get("SANDBOX_HOME") if self.user is None else None)
+        return Path(home) if home else self.home / ".local" / "share" / "sandbox"
 
     def command(self, args: list[str], extra_env: dict[str, str] | None = None) -> list[str]:
         if self.user is None:
@@ -91,7 +101,10 @@ def _ensure_image(runner: Runner, name: str) -> None:
 
 # Runners use the embedded supervisor unless a test points them at a daemon it started: a
 # daemon the developer left running (perhaps older code) must not answer for the tests.
-NO_DAEMON = {"SANDBOX_SOCKET": "/nonexistent/sandbox-tests.sock"}
+# Nothing is pulled from a real registry (tests reach only loopback); the registry tests
+# turn pulls back on for their loopback registries.
+NO_DAEMON = {"SANDBOX_SOCKET": "/nonexistent/sandbox-tests.sock", "SANDBOX_PULL": "never"}
+os.environ["SANDBOX_PULL"] = "never"
 
 
 @pytest.fixture(scope="session")
@@ -192,6 +205,74 @@ def shared_tmp() -> Iterator[Path]:
     shutil.rmtree(path)
 
 
+# ------------------------------------------------------------------ daemons
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    path: Path
+    log: Path
+    user: str | None = None
+
+    def client(self) -> Client:
+        return Client(self.path, mode="daemon")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Signal the daemon itself (under runuser, runuser's child: runuser does not
+        forward signals) and return its exit status."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        if self.user and children.exists():
+            for child in children.read_text().split():
+                os.kill(int(child), sig)
+        else:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+
+def start_daemon(directory: Path, *args: str, user: str | None = None,
+                 env: dict[str, str] | None = None) -> Daemon:
+    path = directory / "sandbox.sock"
+    log = directory / "daemon.log"
+    cmd = [SANDBOX, "daemon", "--socket", str(path), *args]
+    if user is not None:
+        cmd = ["runuser", "-u", user, "--", "env", "-i",
+               *[f"{k}={v}" for k, v in (env or {}).items()], *cmd]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=f)
+    daemon = Daemon(proc, path, log, user)
+    deadline = time.monotonic() + 30
+    while "event=listening" not in log.read_text():  # (a probe from root would be refused)
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                daemon.stop(signal.SIGKILL)
+            raise AssertionError(f"daemon did not start: {log.read_text()}")
+        time.sleep(0.02)
+    return daemon
+
+
+@pytest.fixture(scope="session")
+def root_daemon(root_runner: Runner) -> Iterator[Daemon]:
+    """A daemon as the test process's user, for the whole session (hostile suite route)."""
+    directory = Path(tempfile.mkdtemp(prefix="sandbox-daemon-"))
+    d = start_daemon(directory, "--pool", "2", "--warm", "busybox")
+    yield d
+    d.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def user_daemon(user_runner: Runner) -> Iterator[Daemon]:
+    """A daemon run by the unprivileged test user, for the whole session."""
+    directory = Path(tempfile.mkdtemp(prefix="sandbox-daemon-"))
+    directory.chmod(0o777)
+    d = start_daemon(directory, "--pool", "2", "--warm", "busybox", user=TEST_USER,
+                     env=user_runner.env)
+    yield d
+    d.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 # ------------------------------------------------------------------ leak checking
 
 
@@ -247,12 +328,14 @@ def _children() -> list[str]:
 
 @pytest.fixture
 def no_leaks() -> Iterator[None]:
-    """Fail the test if it left a cgroup, a mount or a process behind."""
+    """Fail the test if it left a cgroup, a mount or a process behind (processes that were
+    already our children, such as session-wide registries, do not count)."""
+    before = set(_children())
     yield
     import time
 
     for _ in range(50):  # cleanup of the last job may still be finishing
-        leaked = (_stale_cgroups(), _sandbox_mounts(), _children())
+        leaked = (_stale_cgroups(), _sandbox_mounts(), sorted(set(_children()) - before))
         if not any(leaked):
             return
         time.sleep(0.1)

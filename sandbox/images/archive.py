@@ -343,7 +343,7 @@ def _store_image(store: Store, archive: _Archive, item: _Found, log: Progress) -
     out = []
     for name in item.names:
         ref = local_name(name)
-        store.set_ref(ref, item.digest, len(item.manifest), item.media_type)
+        store.set_ref(ref, item.digest, len(item.manifest), media_type=item.media_type)
         out.append(store.resolve(ref))
     return out
 

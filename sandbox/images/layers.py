@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import UnsafeLayerError
+from ..errors import ImageError, UnsafeLayerError
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -152,52 +152,47 @@ def unpack(fileobj: IO[bytes], target: Path, *, max_bytes: int = DEFAULT_MAX_BYT
                 checked = unpacker.filter(member, root)
                 if checked is not None:
                     tar.extract(checked, root, **_TRUSTED)
+        _finish(root, unpacker)
     except (tarfile.TarError, ValueError, KeyError) as e:  # tarfile's own, on odd input
         raise UnsafeLayerError(f"malformed layer archive: {e}") from None
-    _finish(root, unpacker)
-
-
-def _real_dir(path: str) -> bool:
-    """``path`` is a directory and not a symlink to one."""
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return False
-
-
-def _make_parents(root: str, rel: str) -> str:
-    """``mkdir -p`` the parents of ``rel`` inside ``root``, refusing symlinked ones."""
-    _check_parents(root, rel)
-    parent = os.path.dirname(os.path.join(root, rel))
-    os.makedirs(parent, exist_ok=True)
-    _check_parents(root, rel)
-    return os.path.join(root, rel)
+    except (OSError, EOFError) as e:  # e.g. a name too long, a full disk, a truncated stream
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ImageError(f"cannot unpack layer: {detail}") from None
 
 
 def _finish(root: str, unpacker: _Unpacker) -> None:
-    """Whiteouts and opaque markers (after every entry, so that the tar's order does not
-    matter), then the directories' own modes, never following a symlink."""
+    """Whiteouts, opaque markers and directory modes, once every entry is in place (so the
+    tar's order does not matter). A later entry may have replaced a directory by a symlink:
+    nothing here goes through one."""
     for rel in unpacker.whiteouts:
-        path = _make_parents(root, rel)
+        _check_parents(root, rel)
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         if not os.path.lexists(path):  # an entry of this very layer wins over its whiteout
             os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
     for rel in unpacker.opaque:
-        # the marker's own path: every component of its directory is checked
-        marker = f"{rel}/{OPAQUE_MARKER}".lstrip("/")
-        path = os.path.dirname(_make_parents(root, marker))
-        os.setxattr(path, OPAQUE_XATTR, b"y", follow_symlinks=False)
+        if rel:
+            _check_parents(root, f"{rel}/{OPAQUE_MARKER}")
+            os.makedirs(os.path.join(root, rel), exist_ok=True)
+        if (real := _real_dir(root, rel)) is not None:
+            os.setxattr(real, OPAQUE_XATTR, b"y", follow_symlinks=False)
     for rel, mode in reversed(unpacker.dir_modes):
-        path = os.path.join(root, rel)
+        if (real := _real_dir(root, rel)) is not None:  # else replaced by a later entry
+            os.chmod(real, mode & ~(stat.S_ISUID | stat.S_ISGID))
+
+
+def _real_dir(root: str, rel: str) -> str | None:
+    """``root/rel`` if it and every directory on the way are real directories (no symlink),
+    else None."""
+    path = root
+    for part in rel.split("/") if rel else ():
+        path = os.path.join(path, part)
         try:
-            _check_parents(root, rel)
-        except UnsafeLayerError:
-            continue  # a later entry replaced a parent (by a symlink): this dir is gone
-        if _real_dir(path):  # a later entry may have replaced it (even by a symlink)
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-            try:
-                os.fchmod(fd, mode & ~(stat.S_ISUID | stat.S_ISGID))
-            finally:
-                os.close(fd)
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return None
+        except FileNotFoundError:
+            return None
+    return path
 
 
 def is_whiteout(st: os.stat_result) -> bool:

@@ -39,6 +39,7 @@ from typing import IO, Any
 from .. import config
 from ..errors import ImageError, UnsafeLayerError
 from . import layers
+from .reference import lookup_names
 
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -49,7 +50,7 @@ MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 MT_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
-_REF_RE = re.compile(r"^[a-z0-9][a-z0-9._/:@+-]*$")
+_REF_RE = re.compile(r"^[a-zA-Z0-9\[][a-zA-Z0-9._/:@+\[\]-]*$")
 
 
 def normalize_ref(ref: str) -> str:
@@ -404,7 +405,7 @@ class Store:
         self.set_ref(ref, man_digest, len(man_bytes))
         return self.resolve(ref)
 
-    def set_ref(self, ref: str, manifest_digest: str, size: int,
+    def set_ref(self, ref: str, manifest_digest: str, size: int, *,
                 media_type: str = MT_MANIFEST) -> None:
         """Point ``ref`` at a stored manifest (replacing what it pointed at)."""
         ref = normalize_ref(ref)
@@ -423,7 +424,7 @@ class Store:
         """Give the image ``source`` names the additional name ``target``."""
         image = self.resolve(source)
         self.set_ref(target, image.manifest_digest, image.manifest_size,
-                     image.manifest_media_type)
+                     media_type=image.manifest_media_type)
         return self.resolve(target)
 
     def refs(self) -> list[tuple[str, str]]:
@@ -436,10 +437,13 @@ class Store:
         return out
 
     def find(self, ref: str) -> Image | None:
-        wanted = normalize_ref(ref)
-        for name, digest in self.refs():
-            if name == wanted:
-                return self._load(name, digest)
+        """The image named ``ref`` (a local name first, then its full registry form: see
+        `reference.lookup_names`), or an image id prefix."""
+        refs = self.refs()
+        for wanted in _candidates(ref):
+            for name, digest in refs:
+                if name == wanted:
+                    return self._load(name, digest)
         if re.match(r"^(sha256:)?[0-9a-f]{6,64}$", ref):  # an image id (config digest) prefix
             value = ref.removeprefix("sha256:")
             for name, digest in self.refs():
@@ -487,16 +491,25 @@ class Store:
 
     def remove(self, ref: str) -> str:
         """Untag ``ref``; returns the normalised name. Blobs stay until `prune`."""
-        wanted = normalize_ref(ref)
         with self.lock():
             index = self._read_index()
-            before = len(index["manifests"])
-            index["manifests"] = [m for m in index["manifests"]
-                                  if (m.get("annotations") or {}).get(REF_ANNOTATION) != wanted]
-            if len(index["manifests"]) == before:
-                raise ImageError(f"image {ref!r} not found")
-            self._write_index(index)
-        return wanted
+            for wanted in _candidates(ref):
+                kept = [m for m in index["manifests"]
+                        if (m.get("annotations") or {}).get(REF_ANNOTATION) != wanted]
+                if len(kept) != len(index["manifests"]):
+                    index["manifests"] = kept
+                    self._write_index(index)
+                    return wanted
+        raise ImageError(f"image {ref!r} not found")
+
+
+def _candidates(ref: str) -> list[str]:
+    """Store names ``ref`` may mean: as given, then its full registry form."""
+    out: list[str] = []
+    for name in lookup_names(normalize_ref(ref)):
+        if normalize_ref(name) not in out:
+            out.append(normalize_ref(name))
+    return out
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ propagate as OSError and the caller reports the op that failed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
@@ -84,11 +85,14 @@ def apply(op: Op, ctx: Context) -> int | None:
         case MountTmpfs(target, size, mode, noexec):
             flags = _NOSUID_NODEV | (linux.MS_NOEXEC if noexec else 0)
             linux.mount("tmpfs", target, "tmpfs", flags, f"size={size},mode={mode:o}")
-        case MakeDir(path, mode, uid, gid):
-            os.makedirs(path, mode=0o755, exist_ok=True)
-            os.chmod(path, mode)
-            if uid >= 0 or gid >= 0:
-                os.chown(path, uid, gid, follow_symlinks=False)
+        case MakeDir(path, mode, uid, gid, beneath):
+            fd = _make_dirs(path, beneath)
+            try:
+                os.fchmod(fd, mode)
+                if uid >= 0 or gid >= 0:
+                    os.fchown(fd, uid, gid)
+            finally:
+                os.close(fd)
         case MountOverlay(lower, upper, work, target):
             data = f"lowerdir={':'.join(lower)},upperdir={upper},workdir={work},userxattr"
             linux.mount("overlay", target, "overlay", _NOSUID_NODEV, data)
@@ -178,6 +182,38 @@ def apply(op: Op, ctx: Context) -> int | None:
         case _:
             assert_never(op)
     return None
+
+
+def _make_dirs(path: str, beneath: str) -> int:
+    """``mkdir -p path`` and return a descriptor of it, walking each component below
+    ``beneath`` (or the last one) with O_NOFOLLOW: a symlink there is an error, never
+    followed."""
+    path = path.rstrip("/") or "/"
+    base = (beneath.rstrip("/") or "/") if beneath else os.path.dirname(path)
+    if not beneath:
+        os.makedirs(base, exist_ok=True)
+    prefix = base.rstrip("/") + "/"
+    if path != base and not path.startswith(prefix):
+        raise OSError(errno.EINVAL, f"{path} is not below {base}")
+    rel = path[len(prefix):] if path != base else ""
+    if ".." in rel.split("/"):
+        raise OSError(errno.EINVAL, f"{path} is not below {base}")
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for part in (p for p in rel.split("/") if p):
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o755, dir_fd=fd)
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            dir_fd=fd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise OSError(e.errno, f"{path}: {part!r} is a symlink or not a directory "
+                              "in the image") from None
+            raise
+        finally:
+            os.close(fd)
+        fd = child
+    return fd
 
 
 def _kept_flags(target: str) -> int:

@@ -57,12 +57,16 @@ class MountTmpfs:
 
 @dataclass(frozen=True, slots=True)
 class MakeDir:
-    """``mkdir -p`` then set mode and owner of the last component."""
+    """``mkdir -p`` then set mode and owner of the last component, never through a symlink:
+    no component below ``beneath`` (the last one, when ``beneath`` is empty) may be one.
+    Inside an image that matters before pivot_root, where an absolute or ``..`` symlink
+    would lead to the host."""
 
     path: str
     mode: int = 0o755
     uid: int = -1
     gid: int = -1
+    beneath: str = ""
 
 
 @dataclass(frozen=True, slots=True)

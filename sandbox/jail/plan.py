@@ -20,7 +20,9 @@ DEV_LINKS = (("/proc/self/fd", "fd"), ("/proc/self/fd/0", "stdin"),
              ("pts/ptmx", "ptmx"))
 DEV_SIZE = 64 * 1024
 # Like Docker's defaults: kernel knobs read-only, kernel internals masked (with /dev/null).
-PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+# /proc/pressure's files are world-writable on the host: a write there creates a PSI
+# trigger that polls the whole host's pressure, a kernel resource outside the job's limits.
+PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs", "pressure")
 PROC_MASKED = ("kcore", "keys", "timer_list", "sched_debug", "latency_stats", "kallsyms",
                "kpagecount", "kpageflags", "kpagecgroup", "config.gz")
 
@@ -98,12 +100,13 @@ def prepare(shape: SandboxShape, idmap: IdMapping, cgroup_fds: int = 0) -> list[
     ]
     if not shape.upper_dir:
         steps += [o.MakeDir(upper, 0o755), o.MakeDir(ovl_work, 0o700)]
+    # Below `root` is the image, attacker-controlled: MakeDir never follows a symlink there.
     steps += [
         o.MountOverlay(shape.lower, upper, ovl_work, root),
-        o.MakeDir(root + shape.workdir, 0o755, uid, gid),
-        o.MakeDir(f"{root}/tmp", 0o1777),
-        o.MakeDir(f"{root}/proc", 0o555),
-        o.MakeDir(f"{root}/dev", 0o755),
+        o.MakeDir(root + shape.workdir, 0o755, uid, gid, beneath=root),
+        o.MakeDir(f"{root}/tmp", 0o1777, beneath=root),
+        o.MakeDir(f"{root}/proc", 0o555, beneath=root),
+        o.MakeDir(f"{root}/dev", 0o755, beneath=root),
     ]
     if not shape.writable_root and shape.workdir != "/":
         steps += [o.BindMount(f"{root}/tmp", f"{root}/tmp"),
@@ -162,7 +165,7 @@ def go(launch: Launch, idmap: IdMapping) -> list[o.Op]:
             dirs.add(parent)
             parent = posixpath.dirname(parent)
         writes.append(o.WriteFile(path, 3 + index, mode, launch.uid, launch.gid))
-    made = [o.MakeDir(d, 0o755, launch.uid, launch.gid)
+    made = [o.MakeDir(d, 0o755, launch.uid, launch.gid, beneath=launch.workdir)
             for d in sorted(dirs, key=lambda d: (d.count("/"), d))]
     return [*made, *writes, o.UnshareCgroupNamespace()]
 

@@ -6,6 +6,7 @@ control. The daemon serves it over a socket; the CLI embeds it when no daemon ru
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -17,14 +18,14 @@ from typing import Any
 import trio
 
 from .. import cgroups, config, seccomp
-from ..errors import SandboxError, SpecError
+from ..errors import ImageError, SandboxError, SpecError
 from ..images.store import Image, Store
 from ..jail import ops, plan
 from ..profiles import Profile, load_profile
 from ..spec import JobSpec, Limits, Result, Status
 from . import job
 from .job import JobControl
-from .pool import Pool, Sandbox
+from .pool import Pool, Sandbox, layer_ids
 from .spawner import Spawner
 
 ProgressCallback = Callable[[str], None]
@@ -117,29 +118,51 @@ class Supervisor:
     # -- images -------------------------------------------------------------------------
 
     async def image(self, ref: str, progress: ProgressCallback | None = None) -> Image:
-        """Resolve ``ref`` in the store; build it from the shipped recipe of that name on
-        first use (like `docker run` pulls). Shipped recipes are part of the tool: their
-        RUN steps may use the network (to install packages)."""
+        """Resolve ``ref`` in the store; on first use, build it from the shipped recipe of
+        that name, or else pull it from its registry (like `docker run`). Shipped recipes are
+        part of the tool: their RUN steps may use the network (to install packages)."""
         image = self.store.find(ref)
         if image is None:
             from ..images import build  # noqa: PLC0415
             from ..images.store import normalize_ref  # noqa: PLC0415
 
             recipe = build.shipped_recipe(ref)
-            if recipe is None:
-                raise SpecError(f"image {ref!r} not found (see `sandbox images`)")
             lock = self._build_locks.setdefault(normalize_ref(ref), trio.Lock())
             if lock.statistics().owner is trio.lowlevel.current_task():
                 raise SpecError(f"image {ref!r}: its recipe builds FROM itself")
             async with lock:
                 image = self.store.find(ref)
-                if image is None:
+                if image is None and recipe is not None:
                     image = await build.build(self, recipe, ref,
                                               progress=progress or self.on_progress,
                                               network="host")
+                elif image is None:
+                    image = await self._pull(ref, progress or self.on_progress)
         if not all(self.store.has_layer_dir(layer.diff_id) for layer in image.layers):
             await trio.to_thread.run_sync(self.store.ensure_unpacked, image)
         return image
+
+    async def _pull(self, ref: str, log: ProgressCallback | None) -> Image:
+        from ..images import pull, reference  # noqa: PLC0415
+        from ..images.registry import LineProgress  # noqa: PLC0415
+
+        if os.environ.get("SANDBOX_PULL", "auto") == "never":
+            raise SpecError(f"image {ref!r} not found (see `sandbox images`; SANDBOX_PULL=never "
+                            "keeps it from being pulled)")
+        try:
+            full = reference.parse(ref)
+        except ImageError:
+            raise SpecError(f"image {ref!r} not found (see `sandbox images`)") from None
+        progress = LineProgress(log) if log else None
+        if log:
+            log(f"Pulling {full}")
+        try:
+            result = await trio.to_thread.run_sync(
+                functools.partial(pull.pull, ref, store=self.store, progress=progress))
+        except ImageError as e:
+            raise ImageError(f"image {ref!r} is not in the store and pulling it failed: "
+                             f"{e}") from None
+        return result.image
 
     # -- sandboxes ----------------------------------------------------------------------
 
@@ -162,6 +185,7 @@ class Supervisor:
         cgroup v1 migration waits for an RCU grace period, which must not stall us.) The
         sandbox holds a lease on its layers until its init is closed (prune skips them)."""
         idmap = self.idmap_for(shape.upper_dir)
+        layers = layer_ids(shape.lower)
         lease = await trio.to_thread.run_sync(self.store.lease, shape.lower)
         try:
             cgroup = self.cgroups.create(f"{os.getpid()}-{next(self._ids):x}")
@@ -189,7 +213,7 @@ class Supervisor:
             for fd in procs:
                 os.close(fd)
         init.hold(lease)
-        sandbox = Sandbox(init, cgroup)
+        sandbox = Sandbox(init, cgroup, layers)
         try:
             await init.wait_ready()
         except BaseException:

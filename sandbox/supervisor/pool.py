@@ -29,12 +29,26 @@ if TYPE_CHECKING:
     from .core import Supervisor
 
 
+def layer_ids(lower: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    """Which directories the layer paths are now (a layer deleted and unpacked again is
+    another directory: a warm sandbox mounted over the old one is stale)."""
+    ids = []
+    for path in lower:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return ()
+        ids.append((st.st_dev, st.st_ino))
+    return tuple(ids)
+
+
 @dataclass
 class Sandbox:
     """A ready init and the cgroup it already sits in."""
 
     init: InitHandle
     cgroup: JobCgroup
+    layers: tuple[tuple[int, int], ...] = ()
 
     async def destroy(self) -> None:
         """Kill the init (and so everything in its namespaces), then remove the cgroup."""
@@ -77,13 +91,17 @@ class Pool:
         idle = self.idle.get(shape)
         if idle is not None:
             self.idle.move_to_end(shape)
+        current = layer_ids(shape.lower) if idle else ()
         while idle:
             sandbox = idle.pop()
-            self._refill(shape)
-            if sandbox.init.alive():
+            if sandbox.init.alive() and sandbox.layers == current:
+                self._refill(shape)
                 self.served_warm += 1
                 return sandbox
-            await sandbox.destroy()
+            if self._nursery is not None:
+                self._nursery.start_soon(sandbox.destroy)
+            else:
+                await sandbox.destroy()
         self._refill(shape)
         self.served_cold += 1
         return await self.supervisor.new_sandbox(shape)

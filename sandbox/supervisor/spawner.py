@@ -20,9 +20,13 @@ from typing import Any, Protocol
 import trio
 
 from ..config import PACKAGE_DIR, spawner_python
-from ..errors import SandboxError, SetupError
+from ..errors import SandboxError, SetupError, SpecError
 from ..jail import ops
 from ..jail.wire import MAX_FDS, MAX_MESSAGE
+
+# A go message is one SOCK_SEQPACKET datagram, bounded by the socket's send buffer (about
+# 208 KiB by default), not only by MAX_MESSAGE.
+MAX_GO_MESSAGE = 192 * 1024
 
 
 async def _recv(sock: trio.socket.SocketType) -> tuple[dict[str, Any] | None, list[int]]:
@@ -81,8 +85,12 @@ class InitHandle:
         self.ready_at = float(msg.get("time", 0.0))
 
     async def go(self, go_ops: list[ops.Op], launch_ops: list[ops.Op], fds: list[int]) -> None:
-        await _send(self.sock, {"go": ops.encode(go_ops), "launch": ops.encode(launch_ops)},
-                    fds)
+        msg = {"go": ops.encode(go_ops), "launch": ops.encode(launch_ops)}
+        size = len(json.dumps(msg, separators=(",", ":")))
+        if size > MAX_GO_MESSAGE:  # one datagram: argv and env travel in it
+            raise SpecError(f"the job's command line and environment are too large ({size} "
+                            f"bytes with the set-up; at most {MAX_GO_MESSAGE})")
+        await _send(self.sock, msg, fds)
 
     def alive(self) -> bool:
         import select  # noqa: PLC0415

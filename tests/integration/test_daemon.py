@@ -12,7 +12,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,52 +20,9 @@ import trio
 from sandbox.client import AsyncClient, Client
 from sandbox.errors import DaemonError, SandboxError
 from sandbox.spec import JobSpec, Limits
-from tests.conftest import SANDBOX, TEST_USER, Runner
+from tests.conftest import SANDBOX, TEST_USER, Daemon, Runner, start_daemon
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
-
-
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[bytes]
-    path: Path
-    log: Path
-    user: str | None = None
-
-    def client(self) -> Client:
-        return Client(self.path, mode="daemon")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        """Signal the daemon itself (under runuser, runuser's child: runuser does not
-        forward signals) and return its exit status."""
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        if self.user and children.exists():
-            for child in children.read_text().split():
-                os.kill(int(child), sig)
-        else:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=30)
-
-
-def start_daemon(directory: Path, *args: str, user: str | None = None,
-                 env: dict[str, str] | None = None) -> Daemon:
-    path = directory / "sandbox.sock"
-    log = directory / "daemon.log"
-    cmd = [SANDBOX, "daemon", "--socket", str(path), *args]
-    if user is not None:
-        cmd = ["runuser", "-u", user, "--", "env", "-i",
-               *[f"{k}={v}" for k, v in (env or {}).items()], *cmd]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=f)
-    daemon = Daemon(proc, path, log, user)
-    deadline = time.monotonic() + 30
-    while "event=listening" not in log.read_text():  # (a probe from root would be refused)
-        if proc.poll() is not None or time.monotonic() > deadline:
-            if proc.poll() is None:
-                daemon.stop(signal.SIGKILL)
-            raise AssertionError(f"daemon did not start: {log.read_text()}")
-        time.sleep(0.02)
-    return daemon
 
 
 @pytest.fixture

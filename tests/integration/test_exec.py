@@ -81,7 +81,9 @@ def test_memory_limit(py3: Runner) -> None:
 
 
 def test_memory_limit_spread_over_processes(runner: Runner) -> None:
-    # four processes of 40 MB each: only the whole-job limit of 100 MB catches them
+    # four processes that each hold 40 MB (under the limit alone) while all of them sleep:
+    # only the whole-job limit of 100 MB catches them. (tail -c used to free its buffer
+    # before the others had filled theirs, which made this test flaky.)
     script = ("for i in 1 2 3 4; do "
               "(x=$(head -c 40000000 /dev/zero | tr '\\0' a); sleep 5) & done; wait")
     r = runner.sh(script, "--memory", "100M")
@@ -171,6 +173,7 @@ def test_bad_input_is_one_line_and_125(root_runner: Runner, tmp_path: Path) -> N
     cases = [
         ["exec", "--image", "no-such-image", "true"],
         ["exec", "--image", "busybox", "--memory", "lots", "true"],
+        ["exec", "--image", "busybox", "--memory", "9" * 400, "true"],
         ["exec", "--image", "busybox", "--time", "-1", "true"],
         ["exec", "--image", "busybox", "--profile", "no-such-profile", "true"],
         ["exec", "--image", "busybox", "--stdin", str(tmp_path / "missing"), "true"],

@@ -64,8 +64,8 @@ def test_go_creates_parent_dirs_first() -> None:
     launch = plan.Launch(argv=("x",), env={}, files=[("a/b/c.txt", 0o644), ("a/d.txt", 0o600)],
                          workdir="/work", uid=1000, gid=1000, rlimits={}, bpf=b"")
     steps = plan.go(launch, SINGLE)
-    assert steps[:2] == [o.MakeDir("/work/a", 0o755, 1000, 1000),
-                         o.MakeDir("/work/a/b", 0o755, 1000, 1000)]
+    assert steps[:2] == [o.MakeDir("/work/a", 0o755, 1000, 1000, "/work"),
+                         o.MakeDir("/work/a/b", 0o755, 1000, 1000, "/work")]
 
 
 def test_ops_round_trip_through_json() -> None:
@@ -92,3 +92,15 @@ def test_host_network_keeps_the_hosts_namespace_and_resolv_conf() -> None:
     assert plan.clone_flags(shape) & linux.CLONE_NEWNET == 0
     assert plan.clone_flags(SHAPE) & linux.CLONE_NEWNET
     assert "LoopbackUp" in kinds(plan.prepare(SHAPE, SINGLE))
+
+
+def test_dirs_in_the_image_are_made_without_following_symlinks() -> None:
+    shape = plan.SandboxShape(lower=("/l",), disk=1 << 20, workdir="/work", uid=1000,
+                              gid=1000, hostname="h", mount_point="/m")
+    idmap = plan.IdMapping("single", 1000, 1000)
+    made = [op for op in plan.prepare(shape, idmap)
+            if isinstance(op, o.MakeDir) and op.path.startswith("/m/root/")
+            and op.path.count("/") == 3]
+    assert {op.path for op in made} == {"/m/root/work", "/m/root/tmp", "/m/root/proc",
+                                        "/m/root/dev"}
+    assert all(op.beneath == "/m/root" for op in made)

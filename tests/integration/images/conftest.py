@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.images.layers import remove_tree
-from tests.conftest import Runner, need
+from tests.conftest import NO_DAEMON, Runner, need
 
 TINY_RECIPE = """\
 # a tiny image from the host's static busybox: FROM scratch, one COPY, one RUN
@@ -52,7 +52,7 @@ def tiny_archive() -> Iterator[Path]:
     ctx.mkdir()
     shutil.copy(_static_busybox(), ctx / "busybox")
     (ctx / "Sandboxfile").write_text(TINY_RECIPE)
-    builder = Runner(None, Path.home(), {"SANDBOX_HOME": str(work / "store")})
+    builder = Runner(None, Path.home(), {**NO_DAEMON, "SANDBOX_HOME": str(work / "store")})
     builder.run(["build", "-t", "tiny", str(ctx)], check=True, timeout=300)
     out = work / "tiny.tar"
     builder.run(["image", "save", "tiny", "-o", str(out)], check=True)
@@ -79,7 +79,7 @@ def store_of(runner: Runner, tiny: Path | None) -> tuple[Runner, Path]:
 @pytest.fixture(params=["root", "user"])
 def store_runner(request: pytest.FixtureRequest, tiny_archive: Path) -> Iterator[Runner]:
     """The CLI as root, then as the test user, each with a fresh store holding ``tiny``."""
-    base = (Runner(None, Path.home()) if request.param == "root"
+    base = (Runner(None, Path.home(), dict(NO_DAEMON)) if request.param == "root"
             else request.getfixturevalue("user_runner"))
     runner, home = store_of(base, tiny_archive)
     yield runner
@@ -89,7 +89,7 @@ def store_runner(request: pytest.FixtureRequest, tiny_archive: Path) -> Iterator
 @pytest.fixture
 def root_store(tiny_archive: Path) -> Iterator[Runner]:
     """The CLI as root with a fresh store holding ``tiny``."""
-    runner, home = store_of(Runner(None, Path.home()), tiny_archive)
+    runner, home = store_of(Runner(None, Path.home(), dict(NO_DAEMON)), tiny_archive)
     yield runner
     remove_tree(home.parent)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.images.layers import remove_tree
-from tests.conftest import Runner
+from tests.conftest import NO_DAEMON, Runner
 from tests.integration.images.conftest import store_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leaks")]
@@ -31,7 +31,7 @@ PROGRAMS = {
 @pytest.fixture(scope="module", params=["root", "user"])
 def shipped(request: pytest.FixtureRequest) -> Iterator[Runner]:
     """A fresh store where py3 and cpp were built from images/ (base along the way)."""
-    base = (Runner(None, Path.home()) if request.param == "root"
+    base = (Runner(None, Path.home(), dict(NO_DAEMON)) if request.param == "root"
             else request.getfixturevalue("user_runner"))
     runner, home = store_of(base, None)
     try:
