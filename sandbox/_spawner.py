@@ -12,14 +12,15 @@ Requests (JSON over SOCK_SEQPACKET, see `jail.wire`); descriptors sent with a sp
 (the job cgroup's ``cgroup.procs`` files) are inherited by the init, which joins the cgroup
 itself (`JoinCgroup`), so the slow cgroup migration never blocks the supervisor::
 
-    {"id": N, "op": "spawn", "flags": CLONE_FLAGS, "prepare": [ops...],
+    {"id": N, "op": "spawn", "flags": CLONE_FLAGS, "plan_id": ID, "prepare": [ops...],
      "idmap": null | {"uid": [[inside, outside, count], ...], "gid": [...], "direct": bool}}
 
 With an idmap the spawner writes the maps (itself when ``direct``, being root; else with
 newuidmap/newgidmap) and then releases the init, which waits for that in `AwaitIdMap`.
     {"id": N, "op": "ping"}
 
-Replies: ``{"id": N, "pid": PID}`` with descriptors ``[pidfd, socket]``, or
+``prepare`` is sent with the first request of a ``plan_id`` only; the spawner keeps the
+decoded plan. Replies: ``{"id": N, "pid": PID}`` with descriptors ``[pidfd, socket]``, or
 ``{"id": N, "error": "..."}``. Exited inits are reaped by the kernel (SIGCHLD ignored);
 the supervisor learns of an exit from the pidfd.
 """
@@ -51,9 +52,18 @@ def _write_idmaps(pid: int, idmap: dict[str, list[list[int]]]) -> None:
             raise OSError(f"{tool} failed: {detail[0]}")
 
 
+_plans: dict[str, list[ops.Op]] = {}
+
+
 def _spawn(ctl: socket.socket, msg: dict[str, object], lifeline: tuple[int, int],
            fds: list[int]) -> None:
-    prepare = ops.decode(msg["prepare"])  # type: ignore[arg-type]
+    # A plan comes once with its id; later requests for the same shape name only the id.
+    plan_id = str(msg["plan_id"])
+    if "prepare" in msg:
+        _plans[plan_id] = ops.decode(msg["prepare"])  # type: ignore[arg-type]
+    prepare = _plans.get(plan_id)
+    if prepare is None:
+        raise KeyError(f"unknown plan {plan_id}")
     flags = int(msg["flags"])  # type: ignore[call-overload]
     idmap = msg.get("idmap")
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

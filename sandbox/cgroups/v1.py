@@ -18,7 +18,7 @@ SUBTREE = "sandbox"
 _JOB_RE = re.compile(r"^(\d+)-[0-9a-z]+$")
 
 
-def _write(path: Path, value: str) -> None:
+def _write(path: str | Path, value: str) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -31,14 +31,20 @@ def _write(path: Path, value: str) -> None:
         os.close(fd)
 
 
-def _read_int(path: Path) -> int:
-    return int(path.read_text().split()[0])
+def _read(path: str | Path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _read_int(path: str | Path) -> int:
+    return int(_read(path).split()[0])
 
 
 class V1Cgroup:
-    """A job's cgroup: ``<hierarchy>/<base>/<name>`` in each controller."""
+    """A job's cgroup: ``<hierarchy>/<base>/<name>`` in each controller (paths as strings:
+    this is on every job's path)."""
 
-    def __init__(self, name: str, dirs: dict[str, Path], swap_accounted: bool) -> None:
+    def __init__(self, name: str, dirs: dict[str, str], swap_accounted: bool) -> None:
         self.name = name
         self.dirs = dirs
         self.swap_accounted = swap_accounted
@@ -47,28 +53,27 @@ class V1Cgroup:
         mem = self.dirs["memory"]
         # memsw must stay >= the memory limit: lower it last when shrinking, raise it first
         # when growing; with swap accounted it is the limit that counts swap in.
-        files = [mem / "memory.limit_in_bytes"]
+        files = [f"{mem}/memory.limit_in_bytes"]
         if self.swap_accounted:
-            current = _read_int(mem / "memory.memsw.limit_in_bytes")
-            sw = mem / "memory.memsw.limit_in_bytes"
-            files = [sw, *files] if memory > current else [*files, sw]
+            sw = f"{mem}/memory.memsw.limit_in_bytes"
+            files = [sw, *files] if memory > _read_int(sw) else [*files, sw]
         for f in files:
             _write(f, str(memory))
-        _write(self.dirs["pids"] / "pids.max", str(pids))
+        _write(f"{self.dirs['pids']}/pids.max", str(pids))
 
     def add(self, pid: int) -> None:
         for d in self.dirs.values():
-            _write(d / "cgroup.procs", str(pid))
+            _write(f"{d}/cgroup.procs", str(pid))
 
     def procs_files(self) -> list[str]:
         """One ``cgroup.procs`` per controller: a process joins by writing 0 to each."""
-        return [str(d / "cgroup.procs") for d in self.dirs.values()]
+        return [f"{d}/cgroup.procs" for d in self.dirs.values()]
 
     def cpu_time(self) -> float:
-        return _read_int(self.dirs["cpuacct"] / "cpuacct.usage") / 1e9
+        return _read_int(f"{self.dirs['cpuacct']}/cpuacct.usage") / 1e9
 
     def oom_killed(self) -> bool:
-        for line in (self.dirs["memory"] / "memory.oom_control").read_text().splitlines():
+        for line in _read(f"{self.dirs['memory']}/memory.oom_control").splitlines():
             key, _, value = line.partition(" ")
             if key == "oom_kill":
                 return int(value) > 0
@@ -78,14 +83,14 @@ class V1Cgroup:
         mem = self.dirs["memory"]
         peak_file = ("memory.memsw.max_usage_in_bytes" if self.swap_accounted
                      else "memory.max_usage_in_bytes")
-        return Stats(cpu_time=self.cpu_time(), memory_peak=_read_int(mem / peak_file),
+        return Stats(cpu_time=self.cpu_time(), memory_peak=_read_int(f"{mem}/{peak_file}"),
                      oom_killed=self.oom_killed())
 
     def pids(self) -> list[int]:
         out: set[int] = set()
         for d in self.dirs.values():
             with contextlib.suppress(FileNotFoundError):
-                out.update(int(x) for x in (d / "cgroup.procs").read_text().split())
+                out.update(int(x) for x in _read(f"{d}/cgroup.procs").split())
         return sorted(out)
 
     def remove(self) -> None:
@@ -117,6 +122,7 @@ class V1Manager:
     def __init__(self, roots: dict[str, Path], base: str) -> None:
         self.roots = roots
         self.base = base
+        self._bases = {c: str(r / base) for c, r in roots.items()}
         self.swap_accounted = (roots["memory"] / base / "memory.memsw.limit_in_bytes").exists()
 
     @classmethod
@@ -145,16 +151,16 @@ class V1Manager:
         return f"cgroup v1 ({', '.join(f'{c}:{r / self.base}' for c, r in self.roots.items())})"
 
     def create(self, name: str) -> V1Cgroup:
-        dirs: dict[str, Path] = {}
+        dirs: dict[str, str] = {}
         try:
-            for c, root in self.roots.items():
-                d = root / self.base / name
-                d.mkdir()
+            for c, root in self._bases.items():
+                d = f"{root}/{name}"
+                os.mkdir(d)
                 dirs[c] = d
         except OSError as e:
             for d in dirs.values():
                 with contextlib.suppress(OSError):
-                    d.rmdir()
+                    os.rmdir(d)
             raise CgroupError(f"cannot create cgroup {name} under {self.base}: "
                               f"{e.strerror}") from None
         return V1Cgroup(name, dirs, self.swap_accounted)
@@ -172,7 +178,7 @@ class V1Manager:
                 continue
             if alive is None and Path(f"/proc/{m.group(1)}").exists():
                 continue
-            V1Cgroup(name, {c: r / self.base / name for c, r in self.roots.items()},
+            V1Cgroup(name, {c: f"{b}/{name}" for c, b in self._bases.items()},
                      self.swap_accounted).remove()
             removed += 1
         return removed

@@ -66,7 +66,10 @@ class Supervisor:
         self._idmap: plan.IdMapping | None = None
         self._mount_point = ""
         self._build_locks: dict[str, trio.Lock] = {}
-        self._plans: dict[tuple[plan.SandboxShape, plan.IdMapping], list[dict[str, Any]]] = {}
+        self._plans: dict[tuple[plan.SandboxShape, plan.IdMapping],
+                          tuple[str, list[dict[str, Any]]]] = {}
+        self._image_cache: dict[str, tuple[int, Image, tuple[str, ...]]] = {}
+        self._index_path = str(self.store.root / "index.json")
         self.queued: dict[str, JobInfo] = {}
         self.running: dict[str, JobInfo] = {}
 
@@ -121,7 +124,7 @@ class Supervisor:
         """Resolve ``ref`` in the store; on first use, build it from the shipped recipe of
         that name, or else pull it from its registry (like `docker run`). Shipped recipes are
         part of the tool: their RUN steps may use the network (to install packages)."""
-        image = self.store.find(ref)
+        image = self._find(ref)
         if image is None:
             from ..images import build  # noqa: PLC0415
             from ..images.store import normalize_ref  # noqa: PLC0415
@@ -138,8 +141,27 @@ class Supervisor:
                                               network="host")
                 elif image is None:
                     image = await self._pull(ref, progress or self.on_progress)
-        if not all(self.store.has_layer_dir(layer.diff_id) for layer in image.layers):
+        if self._needs_unpacking(ref, image):
             await trio.to_thread.run_sync(self.store.ensure_unpacked, image)
+        return image
+
+    def _needs_unpacking(self, ref: str, image: Image) -> bool:
+        hit = self._image_cache.get(ref)
+        lower = hit[2] if hit is not None and hit[1] is image else image.lower_dirs()
+        return not all(os.path.isdir(d) for d in lower)
+
+    def _find(self, ref: str) -> Image | None:
+        """`Store.find`, cached until index.json changes (it is on every job's path)."""
+        try:
+            stamp = os.stat(self._index_path).st_mtime_ns
+        except FileNotFoundError:
+            stamp = 0
+        hit = self._image_cache.get(ref)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        image = self.store.find(ref)
+        if image is not None:
+            self._image_cache[ref] = (stamp, image, tuple(image.lower_dirs()))
         return image
 
     async def _pull(self, ref: str, log: ProgressCallback | None) -> Image:
@@ -173,8 +195,10 @@ class Supervisor:
               ) -> plan.SandboxShape:
         workdir = workdir or profile.workdir
         uid, gid = ids or (profile.uid, profile.gid)
+        hit = self._image_cache.get(image.ref)
+        lower = hit[2] if hit is not None and hit[1] is image else tuple(image.lower_dirs())
         return plan.SandboxShape(
-            lower=tuple(image.lower_dirs()), disk=int(limits.disk or 0), workdir=workdir,
+            lower=lower, disk=int(limits.disk or 0), workdir=workdir,
             uid=uid, gid=gid, hostname=profile.hostname,
             mount_point=self._mount_point, writable_root=writable_root, upper_dir=upper_dir,
             host_network=host_network, resolv_conf=resolv_conf)
@@ -199,11 +223,12 @@ class Supervisor:
             lease.close()
             raise SandboxError(f"cannot open the job's cgroup: {e.strerror}") from None
         key = (shape, idmap)
-        encoded = self._plans.get(key)
-        if encoded is None:
-            encoded = self._plans[key] = ops.encode(plan.prepare(shape, idmap, len(procs)))
+        cached = self._plans.get(key)
+        if cached is None:
+            cached = self._plans[key] = (f"p{len(self._plans)}",
+                                         ops.encode(plan.prepare(shape, idmap, len(procs))))
         try:
-            init = await self.spawner.spawn(encoded, plan.clone_flags(shape),
+            init = await self.spawner.spawn(cached[0], cached[1], plan.clone_flags(shape),
                                             idmap.spawner_args(), procs)
         except BaseException:
             cgroup.remove()

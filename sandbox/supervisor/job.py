@@ -201,6 +201,11 @@ async def run(init: InitHandle, cgroup: JobCgroup, limits: Limits, go_ops: list[
                 # sandbox (namespace teardown takes a while) after the result is out.
                 if not ended_at:
                     ended_at = time.monotonic() - local_start + started_at
+            elif event is None and (state.fired is not None or state.cancelled):
+                # We killed it (output cap, cancel) before its "started" reached us: the job
+                # did run; the verdict comes from what fired.
+                await init.wait_dead()
+                started_at, ended_at = local_start, time.monotonic()
             else:
                 failure = event or {"event": "failed", "step": "init",
                                     "message": "sandbox init died before the job started"}

@@ -149,6 +149,7 @@ class Spawner:
         self._sock: trio.socket.SocketType | None = None
         self._lock = trio.Lock()
         self._next_id = 0
+        self._known_plans: set[str] = set()
 
     def start(self) -> None:
         """Start the spawner (synchronously, from the calling thread: call it from the
@@ -169,17 +170,21 @@ class Spawner:
             theirs.close()
         self._sock = trio.socket.from_stdlib_socket(ours)
 
-    async def spawn(self, prepare: list[dict[str, Any]], flags: int,
+    async def spawn(self, plan_id: str, prepare: list[dict[str, Any]], flags: int,
                     idmap: dict[str, object] | None, fds: list[int]) -> InitHandle:
-        """Clone a new sandbox init that runs ``prepare`` (encoded ops) and inherits
-        ``fds``; returns once it is cloned (`InitHandle.wait_ready` waits for the set-up)."""
+        """Clone a new sandbox init that runs ``prepare`` (encoded ops, known to the spawner
+        by ``plan_id`` after the first time) and inherits ``fds``; returns once it is cloned
+        (`InitHandle.wait_ready` waits for the set-up)."""
         if self._sock is None:
             raise SandboxError("spawner is not running")
         async with self._lock:
             self._next_id += 1
-            request = {"id": self._next_id, "op": "spawn", "flags": flags,
-                       "prepare": prepare, "idmap": idmap}
+            request: dict[str, Any] = {"id": self._next_id, "op": "spawn", "flags": flags,
+                                       "plan_id": plan_id, "idmap": idmap}
+            if plan_id not in self._known_plans:
+                request["prepare"] = prepare
             await _send(self._sock, request, fds)
+            self._known_plans.add(plan_id)
             reply, fds = await _recv(self._sock)
         if reply is None:
             raise SandboxError("the spawner exited unexpectedly")

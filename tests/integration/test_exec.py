@@ -252,3 +252,15 @@ def _cmdline(p: Path) -> bytes:
         return (p / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_exec_builds_a_shipped_image_on_first_use(root_runner: Runner, tmp_path: Path) -> None:
+    """Like `docker run` pulling: a missing shipped image is built, with progress shown."""
+    home = tmp_path / "store"
+    proc = root_runner.run(["exec", "--image", "busybox", "echo", "built"], timeout=600,
+                           extra_env={"SANDBOX_HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == b"built\n"
+    assert b"Step 1/" in proc.stderr  # the build's progress reached the user
+    listing = root_runner.run(["images", "--json"], extra_env={"SANDBOX_HOME": str(home)})
+    assert "busybox:latest" in [i["name"] for i in json.loads(listing.stdout)]

@@ -1,0 +1,114 @@
+"""Both cgroup backends on real cgroupfs.
+
+v1 is what this host runs (memory, pids, cpuacct hierarchies). v2 is exercised on the host's
+unified hierarchy, which has no controllers here: creating, joining, CPU accounting,
+cgroup.kill and removal are real; a memory or pids limit must be refused loudly (a limit that
+cannot be enforced is an error, never silently ignored). Only cgroups these tests create
+are touched.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox import cgroups
+from sandbox.cgroups import v1, v2
+from sandbox.errors import CgroupError
+from tests.conftest import need
+
+UNIFIED = Path("/sys/fs/cgroup/unified")
+
+
+def _burn(seconds: float) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["/usr/bin/python3", "-c",
+                             f"import time\nt=time.process_time()\n"
+                             f"while time.process_time()-t<{seconds}: pass\n"
+                             "time.sleep(60)"])
+
+
+def test_v1_backend_end_to_end() -> None:
+    hierarchies = cgroups.mounted_hierarchies()
+    need(all(c in hierarchies for c in v1.CONTROLLERS), "cgroup v1 hierarchies")
+    manager = v1.V1Manager.for_user(hierarchies)
+    cg = manager.create(f"{os.getpid()}-cgtest")
+    proc = _burn(0.3)
+    try:
+        cg.set_limits(memory=64 << 20, pids=8)
+        cg.add(proc.pid)
+        assert proc.pid in cg.pids()
+        deadline = time.monotonic() + 10
+        while cg.cpu_time() < 0.25 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = cg.stats()
+        assert 0.25 <= stats.cpu_time < 5
+        assert 0 < stats.memory_peak <= 64 << 20
+        assert not stats.oom_killed
+        limit = Path(cg.dirs["memory"]) / "memory.limit_in_bytes"
+        assert int(limit.read_text()) == 64 << 20
+        assert int((Path(cg.dirs["pids"]) / "pids.max").read_text()) == 8
+    finally:
+        cg.remove()  # kills what is left in it, then removes every directory
+        proc.wait()
+    assert not any(Path(d).exists() for d in cg.dirs.values())
+
+
+def test_v1_stale_cgroups_of_dead_supervisors_are_removed() -> None:
+    hierarchies = cgroups.mounted_hierarchies()
+    need(all(c in hierarchies for c in v1.CONTROLLERS), "cgroup v1 hierarchies")
+    manager = v1.V1Manager.for_user(hierarchies)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is free now: a supervisor that died
+    stale = manager.create(f"{dead.pid}-1")
+    mine = manager.create(f"{os.getpid()}-stale-check")
+    try:
+        assert manager.cleanup_stale() >= 1
+        assert not any(Path(d).exists() for d in stale.dirs.values())
+        assert all(Path(d).exists() for d in mine.dirs.values())
+    finally:
+        mine.remove()
+
+
+@pytest.fixture
+def unified_base() -> Iterator[str]:
+    need(UNIFIED.is_dir() and (UNIFIED / "cgroup.procs").exists(), "a cgroup2 mount")
+    base = f"sandbox-tests-{os.getpid()}"
+    (UNIFIED / base).mkdir()
+    yield base
+    os.rmdir(UNIFIED / base)
+
+
+def test_v2_backend_on_the_unified_hierarchy(unified_base: str) -> None:
+    manager = v2.V2Manager(UNIFIED, unified_base)
+    cg = manager.create(f"{os.getpid()}-1")
+    proc = _burn(0.3)
+    try:
+        cg.add(proc.pid)
+        assert cg.pids() == [proc.pid]
+        deadline = time.monotonic() + 10
+        while cg.cpu_time() < 0.25 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cg.cpu_time() >= 0.25  # from cpu.stat usage_usec
+        assert not cg.oom_killed()
+        # no memory or pids controller is enabled here: the limit must not pass silently
+        with pytest.raises(CgroupError, match=r"memory\.max"):
+            cg.set_limits(memory=64 << 20, pids=8)
+    finally:
+        cg.remove()  # cgroup.kill, then rmdir
+        proc.wait()
+    assert proc.returncode == -9
+    assert not cg.path.exists()
+
+
+def test_v2_needs_a_delegated_subtree_with_controllers(unified_base: str) -> None:
+    os.environ["SANDBOX_CGROUP"] = unified_base
+    try:
+        with pytest.raises(CgroupError, match="lacks the memory, pids controller"):
+            v2.V2Manager.for_current_process(UNIFIED)
+    finally:
+        del os.environ["SANDBOX_CGROUP"]
