@@ -36,7 +36,7 @@ class _Progress:
     def __init__(self) -> None:
         from rich.console import Console  # noqa: PLC0415
 
-        self.console = Console(stderr=True, highlight=False)
+        self.console = Console(stderr=True, highlight=False, emoji=False)
         self.status: Any = None
 
     def __enter__(self) -> _Progress:
@@ -50,8 +50,9 @@ class _Progress:
             self.status.stop()
 
     def __call__(self, line: str) -> None:
-        if line.startswith(("Step ", " --->", "Successfully")) or not self.console.is_terminal:
-            if line.startswith(("Step ", " --->", "Successfully", "     ")):
+        shown = ("Step ", " --->", "Successfully", "     ")
+        if line.startswith(shown[:3]) or not self.console.is_terminal:
+            if line.startswith(shown):
                 self.console.print(line, markup=False, soft_wrap=True)
         elif self.status is not None:
             self.status.update(line[:100])
@@ -206,17 +207,23 @@ def _human(n: float) -> str:
 @cli.command("images")
 @click.option("--json", "as_json", is_flag=True)
 def images_cmd(as_json: bool) -> None:
-    """List the images in the store."""
-    images = _store().images()
+    """List the images in the store with their sizes (SHARED: bytes in layers another image
+    uses too; UNIQUE: what removing only this image and pruning would free)."""
+    from .images import gc  # noqa: PLC0415
+
+    rows = sorted(gc.usage(_store()), key=lambda u: u.image.ref)
     if as_json:
-        click.echo(json.dumps([{"name": i.ref, "id": i.id, "size": i.size,
-                                "layers": len(i.layers), "created": i.created}
-                               for i in images]))
+        click.echo(json.dumps([{"name": u.image.ref, "id": u.image.id, "size": u.size,
+                                "shared": u.shared, "unique": u.unique,
+                                "layers": len(u.image.layers), "created": u.image.created}
+                               for u in rows]))
         return
-    click.echo(f"{'NAME':30} {'ID':14} {'LAYERS':>6} {'SIZE':>9}  CREATED")
-    for i in sorted(images, key=lambda x: x.ref):
-        click.echo(f"{i.ref:30} {i.id[7:19]:14} {len(i.layers):>6} {_human(i.size):>9}  "
-                   f"{i.created}")
+    click.echo(f"{'NAME':28} {'ID':12} {'LAYERS':>6} {'SIZE':>9} {'SHARED':>9} {'UNIQUE':>9}"
+               "  CREATED")
+    for u in rows:
+        click.echo(f"{u.image.ref:28} {u.image.id[7:19]:12} {len(u.image.layers):>6} "
+                   f"{_human(u.size):>9} {_human(u.shared):>9} {_human(u.unique):>9}  "
+                   f"{u.image.created}")
 
 
 @cli.group("image")
@@ -246,7 +253,7 @@ def image_build(name: str, no_cache: bool) -> None:
         shipped = sorted(p.name for p in config.recipes_dir().iterdir() if p.is_dir())
         fail(f"no shipped recipe {name!r} (shipped: {', '.join(shipped)}); use "
              "`sandbox build -t NAME DIR` for your own")
-    _build(recipe, name, no_cache)
+    _build(recipe, name, no_cache, network="host")  # shipped recipes install packages
 
 
 @cli.command("build")
@@ -255,17 +262,19 @@ def image_build(name: str, no_cache: bool) -> None:
               help="Recipe file (default: DIR/Sandboxfile or DIR/Dockerfile).")
 @click.option("--no-cache", is_flag=True, help="Rebuild every step.")
 @click.option("--build-arg", "build_args", multiple=True, metavar="K=V")
+@click.option("--network", type=click.Choice(["none", "host"]), default="none",
+              show_default=True, help="Network of RUN steps: none, or the host's.")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def build_cmd(tag: str, recipe_file: Path | None, no_cache: bool, build_args: tuple[str, ...],
-              directory: Path) -> None:
+              network: str, directory: Path) -> None:
     """Build an image from DIR/Sandboxfile (a Dockerfile subset)."""
     from .spec import parse_env  # noqa: PLC0415
 
-    _build(directory, tag, no_cache, recipe_file, parse_env(build_args))
+    _build(directory, tag, no_cache, recipe_file, parse_env(build_args), network)
 
 
 def _build(directory: Path, tag: str, no_cache: bool, recipe_file: Path | None = None,
-           build_args: dict[str, str] | None = None) -> None:
+           build_args: dict[str, str] | None = None, network: str = "none") -> None:
     import trio  # noqa: PLC0415
 
     from .images import build  # noqa: PLC0415
@@ -274,7 +283,7 @@ def _build(directory: Path, tag: str, no_cache: bool, recipe_file: Path | None =
     async def main(progress: Callable[[str], None]) -> None:
         async with Supervisor(on_progress=progress) as sup:
             await build.build(sup, directory, tag, progress=progress, no_cache=no_cache,
-                              recipe_file=recipe_file, build_args=build_args)
+                              recipe_file=recipe_file, build_args=build_args, network=network)
 
     with _Progress() as progress:
         trio.run(main, progress)
@@ -289,16 +298,100 @@ def image_rm(names: tuple[str, ...]) -> None:
         click.echo(f"Untagged: {store.remove(name)}")
 
 
+@image_group.command("tag")
+@click.argument("source")
+@click.argument("target")
+def image_tag(source: str, target: str) -> None:
+    """Give the image SOURCE the additional name TARGET (NAME[:TAG])."""
+    image = _store().tag(source, target)
+    click.echo(f"Tagged {image.id[7:19]} as {image.ref}")
+
+
+def _usage_of(image: Any) -> Any:
+    from .images import gc  # noqa: PLC0415
+
+    return next(u for u in gc.usage(_store()) if u.image.ref == image.ref)
+
+
 @image_group.command("inspect")
 @click.argument("name")
 def image_inspect(name: str) -> None:
-    """Print an image's manifest digest, config and layers as JSON."""
+    """Print an image's manifest digest, config, layers, history and sizes as JSON."""
     image = _store().resolve(name)
-    click.echo(json.dumps({"name": image.ref, "id": image.id,
-                           "manifest": image.manifest_digest, "config": image.config,
-                           "layers": [{"digest": x.digest, "diff_id": x.diff_id,
-                                       "size": x.size, "mediaType": x.media_type}
-                                      for x in image.layers]}, indent=2))
+    use = _usage_of(image)
+    click.echo(json.dumps({
+        "name": image.ref, "id": image.id, "manifest": image.manifest_digest,
+        "created": image.created, "size": use.size, "shared": use.shared, "unique": use.unique,
+        "config": image.config,
+        "layers": [{"digest": x.digest, "diff_id": x.diff_id, "size": x.size,
+                    "mediaType": x.media_type} for x in image.layers],
+        "history": [{"created": h.created, "created_by": h.created_by,
+                     "layer": h.layer.digest if h.layer else None,
+                     "size": h.layer.size if h.layer else 0} for h in image.history()],
+    }, indent=2))
+
+
+@image_group.command("history")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--no-trunc", is_flag=True, help="Do not shorten the instructions.")
+def image_history(name: str, as_json: bool, no_trunc: bool) -> None:
+    """Show how an image was made: one row per instruction, newest first, with the layer
+    it added and that layer's size."""
+    rows = list(reversed(_store().resolve(name).history()))
+    if as_json:
+        click.echo(json.dumps([{"created": h.created, "created_by": h.created_by,
+                                "layer": h.layer.digest if h.layer else None,
+                                "size": h.layer.size if h.layer else 0} for h in rows]))
+        return
+    click.echo(f"{'LAYER':12}  {'CREATED':20}  {'SIZE':>9}  CREATED BY")
+    for h in rows:
+        by = h.created_by if no_trunc or len(h.created_by) <= 70 else h.created_by[:67] + "..."
+        layer = h.layer.digest[7:19] if h.layer else "-"
+        click.echo(f"{layer:12}  {h.created:20}  {_human(h.layer.size if h.layer else 0):>9}"
+                   f"  {by}")
+
+
+@image_group.command("prune")
+def image_prune() -> None:
+    """Remove blobs, unpacked layers and build-cache entries no image uses. Layers that
+    running sandboxes use stay (a later prune takes them)."""
+    from .images import gc  # noqa: PLC0415
+
+    report = gc.prune(_store(), on_wait=lambda msg: click.echo(msg, err=True))
+    click.echo(f"Deleted {report.blobs} blobs ({_human(report.blob_bytes)}), "
+               f"{report.layers} unpacked layers, {report.cache_entries} build-cache entries")
+    if report.in_use:
+        click.echo(f"Kept {len(report.in_use)} unused layers that running sandboxes use")
+
+
+@image_group.command("save")
+@click.argument("name")
+@click.option("-o", "--output", "output", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="Archive to write.")
+@click.option("--format", "fmt", type=click.Choice(["oci", "docker"]), default="oci",
+              show_default=True, help="oci: an OCI archive; docker: a docker-archive.")
+def image_save(name: str, output: Path, fmt: str) -> None:
+    """Write an image to an archive that podman, skopeo and docker can load."""
+    from .images import archive  # noqa: PLC0415
+
+    image = archive.save(_store(), name, output, fmt)
+    click.echo(f"Saved {image.ref} to {output} ({fmt} archive)")
+
+
+@image_group.command("load")
+@click.option("-i", "--input", "input_", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="Archive to read.")
+@click.option("-t", "--tag", "tag", metavar="NAME[:TAG]",
+              help="Name the image (for an archive that names none, or to rename it).")
+def image_load(input_: Path, tag: str | None) -> None:
+    """Load an OCI archive or a docker-archive (plain, gzip or zstd; any layer compression)."""
+    from .images import archive  # noqa: PLC0415
+
+    with _Progress() as progress:
+        images = archive.load(_store(), input_, tag, progress)
+    for image in images:
+        click.echo(f"Loaded image: {image.ref}")
 
 
 # ---------------------------------------------------------------------------- profiles

@@ -64,3 +64,17 @@ def profile_dirs() -> list[Path]:
 
 def recipes_dir() -> Path:
     return _shipped("images")
+
+
+DEFAULT_MAX_LAYER_SIZE = 16 << 30
+
+
+def max_layer_bytes() -> int:
+    """The bound on what one layer (or one image archive member) may unpack to:
+    ``$SANDBOX_MAX_LAYER_SIZE`` (``512M``, ``20G``...), default 16 GiB."""
+    value = os.environ.get("SANDBOX_MAX_LAYER_SIZE")
+    if not value:
+        return DEFAULT_MAX_LAYER_SIZE
+    from .units import parse_size  # noqa: PLC0415
+
+    return parse_size(value)

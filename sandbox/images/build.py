@@ -3,13 +3,23 @@ filesystem-changing instruction, with a build cache.
 
 ``FROM debian:SUITE`` bootstraps Debian rootless with mmdebstrap (``--variant=`` and
 ``--include=`` flags pass through); ``FROM scratch`` starts empty; any other FROM names an
-image in the store. RUN executes inside a sandbox over the layers so far, with the overlay
-upper kept on disk; that upper becomes the new layer. COPY/ADD take files from the build
-context (never following a symlink out of it).
+image in the store (a shipped recipe of that name is built first). RUN executes inside a
+sandbox over the layers so far, with the overlay upper kept on disk; that upper becomes the
+new layer. RUN has no network unless the build allows it (``network="host"``: the step
+shares the host's network namespace and sees its /etc/resolv.conf); ``RUN --network=none``
+opts a step out, ``RUN --network=host`` in a build without it is an error. RUN runs as the
+recipe's USER. COPY/ADD take files from the build context (never following a symlink out
+of it); ADD extracts a local tar with the layer unpacker's checks.
+
+Cache: a step whose parent layers, text (after ARG/ENV substitution), environment, working
+dir, user and, for COPY/ADD, input content hashes are unchanged reuses the layer it made
+before (``build-cache/KEY`` in the store); ``no_cache`` rebuilds every step. Each step
+reports ``Step N/M : INSTRUCTION`` then `` ---> CACHED`` or the time it took.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .. import config
-from ..errors import ImageError
+from ..errors import ImageError, SpecError
 from ..spec import JobSpec, Status
 from . import layers, recipe
 from .recipe import Instruction, RecipeError
@@ -37,6 +47,7 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str], None]
 RECIPE_NAMES = ("Sandboxfile", "Dockerfile")
+NETWORKS = ("none", "host")
 TRIM_DPKG = [
     "path-exclude=/usr/share/doc/*", "path-include=/usr/share/doc/*/copyright",
     "path-exclude=/usr/share/man/*", "path-exclude=/usr/share/info/*",
@@ -65,6 +76,7 @@ def find_recipe_file(directory: Path) -> Path | None:
 @dataclass
 class _State:
     store: Store
+    network: str = "none"
     layers: list[Layer] = field(default_factory=list)
     runtime: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -121,7 +133,7 @@ class _Cache:
 
     def put(self, key: str, layer: Layer) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{key}.tmp"
+        tmp = self.dir / f".{key}.{os.getpid()}.tmp"  # concurrent builds each write their own
         tmp.write_text(json.dumps({"digest": layer.digest, "diff_id": layer.diff_id,
                                    "size": layer.size, "media_type": layer.media_type}))
         os.replace(tmp, self.dir / key)
@@ -151,11 +163,9 @@ def _context_path(context: Path, rel: str, ins: Instruction, path: str) -> Path:
     return real
 
 
-def _bootstrap(suite: str, flags: dict[str, str], out: Path, log: Progress) -> None:
-    """Run mmdebstrap (rootless unless we are root) and write a rootfs tar to ``out``."""
-    if shutil.which("mmdebstrap") is None:
-        raise ImageError("mmdebstrap is not installed (apt install mmdebstrap); it builds "
-                         f"debian:{suite} images")
+def bootstrap_command(suite: str, flags: dict[str, str], out: str) -> list[str]:
+    """The mmdebstrap command (rootless unless we are root) that writes a rootfs tar of
+    ``debian:SUITE`` to ``out``; the build cache keys the layer on it."""
     variant = flags.get("variant", "minbase")
     mode = "root" if os.geteuid() == 0 else "unshare"
     cmd = ["mmdebstrap", f"--mode={mode}", f"--variant={variant}", "--format=tar"]
@@ -163,13 +173,26 @@ def _bootstrap(suite: str, flags: dict[str, str], out: Path, log: Progress) -> N
         cmd.append(f"--include={include}")
     if components := flags.get("components"):
         cmd.append(f"--components={components}")
+    # mmdebstrap copies the host's resolv.conf and hostname in: keep them out of the image
+    # (at the end, as apt may run inside the chroot; extract runs no customize hooks)
+    hook = "--setup-hook" if variant == "extract" else "--customize-hook"
+    cmd.append(f'{hook}=rm -f "$1/etc/resolv.conf"; echo localhost > "$1/etc/hostname"')
     if variant != "extract":
         if MERGED_USR_HOOKS.is_dir():
             cmd.append(f"--hook-dir={MERGED_USR_HOOKS}")
         cmd += [f"--dpkgopt={opt}" for opt in TRIM_DPKG]
-    cmd += [suite, str(out)]
+    cmd += [suite, out]
     if mirror := flags.get("mirror"):
         cmd.append(mirror)
+    return cmd
+
+
+def _bootstrap(cmd: list[str], log: Progress) -> None:
+    """Run a `bootstrap_command`."""
+    if shutil.which("mmdebstrap") is None:
+        raise ImageError("mmdebstrap is not installed (apt install mmdebstrap); it builds "
+                         "debian:SUITE images")
+    mode = cmd[1].removeprefix("--mode=")
     log(f" ---> {' '.join(cmd)}")
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "TMPDIR": "/tmp",
            "LANG": "C.UTF-8", "HOME": str(Path.home())}
@@ -191,8 +214,11 @@ def _bootstrap(suite: str, flags: dict[str, str], out: Path, log: Progress) -> N
 
 async def build(sup: Supervisor, context: Path, ref: str, *, progress: Progress | None = None,
                 no_cache: bool = False, recipe_file: Path | None = None,
-                build_args: dict[str, str] | None = None) -> Image:
-    """Build the recipe in ``context`` and tag the result ``ref``."""
+                build_args: dict[str, str] | None = None, network: str = "none") -> Image:
+    """Build the recipe in ``context`` and tag the result ``ref``. ``network`` is ``none``
+    (RUN steps get a loopback of their own) or ``host`` (they share the host's)."""
+    if network not in NETWORKS:
+        raise ImageError(f"--network {network}: expected one of {', '.join(NETWORKS)}")
     log = progress or (lambda _line: None)
     context = Path(await trio.Path(context).absolute())
     recipe_file = recipe_file or find_recipe_file(context)
@@ -202,19 +228,21 @@ async def build(sup: Supervisor, context: Path, ref: str, *, progress: Progress 
     instructions = recipe.parse(await trio.Path(recipe_file).read_text(), path)
     store = sup.store
     store.init()
-    state = _State(store)
+    state = _State(store, network)
     state.args.update(build_args or {})
     cache = _Cache(store, not no_cache)
     total = len(instructions)
-    for number, ins in enumerate(instructions, 1):
-        log(f"Step {number}/{total} : {ins.source}")
-        started = time.monotonic()
-        cached = await _step(sup, state, cache, ins, context, path, log)
-        log(" ---> CACHED" if cached else f" ---> done in {time.monotonic() - started:.1f}s")
-    cfg = {**state.base_config, "config": state.runtime, "history": state.history,
-           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    cfg.pop("rootfs", None)
-    image = store.commit(ref, state.layers, cfg)
+    with store.writing():  # prune waits: the new layers are not tagged yet
+        for number, ins in enumerate(instructions, 1):
+            log(f"Step {number}/{total} : {ins.source}")
+            started = time.monotonic()
+            cached = await _step(sup, state, cache, ins, context, path, log)
+            log(" ---> CACHED" if cached
+                else f" ---> done in {time.monotonic() - started:.1f}s")
+        cfg = {**state.base_config, "config": state.runtime, "history": state.history,
+               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        cfg.pop("rootfs", None)
+        image = store.commit(ref, state.layers, cfg)
     log(f"Successfully built {image.id[7:19]} as {image.ref}")
     return image
 
@@ -263,41 +291,141 @@ async def _from(sup: Supervisor, state: _State, cache: _Cache, ins: Instruction,
                 path: str, log: Progress) -> bool:
     if state.layers or state.history:
         raise RecipeError(path, ins.line, "only one FROM is supported (no multi-stage builds)")
-    name = text.split()[0]
+    words = text.split()
+    if len(words) != 1:
+        raise RecipeError(path, ins.line, "FROM takes one image name (FROM ... AS ... "
+                          "is a multi-stage build, which is not supported)")
+    name = words[0]
+    bootstrap = name.startswith("debian:") and sup.store.find(name) is None
+    if ins.flags and not bootstrap:
+        raise RecipeError(path, ins.line, f"FROM --{next(iter(ins.flags))} only applies to "
+                          "debian:SUITE (bootstrapped with mmdebstrap)")
     if name == "scratch":
         return False
-    if name.startswith("debian:") and sup.store.find(name) is None:
+    if bootstrap:
         suite = name.split(":", 1)[1]
-        key = cache.key("FROM", ins.source)
+        key = cache.key("FROM", *bootstrap_command(suite, ins.flags, "-"))
         if (layer := cache.get(key)) is not None:
             state.layers.append(layer)
             _history(state, ins, empty=False)
             return True
         with sup.store.tempdir() as tmp:
             out = Path(tmp) / "rootfs.tar"
-            await trio.to_thread.run_sync(_bootstrap, suite, ins.flags, out, log)
+            cmd = bootstrap_command(suite, ins.flags, str(out))
+            await trio.to_thread.run_sync(_bootstrap, cmd, log)
             layer = await trio.to_thread.run_sync(sup.store.import_layer_tar, out)
         cache.put(key, layer)
         state.layers.append(layer)
         _history(state, ins, empty=False)
         return False
-    base = await sup.image(name)
+    try:
+        base = await sup.image(name)
+    except (ImageError, SpecError) as e:
+        raise RecipeError(path, ins.line, str(e)) from None
     state.layers = list(base.layers)
     state.runtime = dict(base.runtime)
     state.history = list(base.config.get("history") or [])
     return False
 
 
+def _step_network(state: _State, ins: Instruction, path: str) -> bool:
+    """Whether this RUN shares the host's network."""
+    wanted = ins.flags.get("network", "default")
+    if wanted == "host" and state.network != "host":
+        raise RecipeError(path, ins.line, "RUN --network=host needs the build to allow it "
+                          "(sandbox build --network host)")
+    return state.network == "host" and wanted != "none"
+
+
+def _user_ids(state: _State, ins: Instruction, path: str) -> tuple[int, int] | None:
+    """The recipe's USER as (uid, gid), looked up in the image's /etc/passwd and
+    /etc/group when given by name; None for root (the build profile's own ids)."""
+    user = str(state.runtime.get("User") or "")
+    if not user:
+        return None
+    name, _, group = user.partition(":")
+    if name in ("root", "0") and group in ("", "root", "0"):
+        return None
+    lower = state.image().lower_dirs()
+    passwd = _read_db(lower, "etc/passwd")
+    entry = passwd.get(name) or next((e for e in passwd.values() if e[0] == name), None)
+    if name.isdigit():
+        uid, gid = int(name), int(entry[1]) if entry else 0
+    elif name == "root":
+        uid, gid = 0, 0
+    elif entry:
+        uid, gid = int(entry[0]), int(entry[1])
+    else:
+        raise RecipeError(path, ins.line, f"USER {name}: no such user in the image's "
+                          "/etc/passwd")
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        elif group in (groups := _read_db(lower, "etc/group")):
+            gid = int(groups[group][0])
+        else:
+            raise RecipeError(path, ins.line, f"USER {user}: no such group in the image's "
+                              "/etc/group")
+    return None if (uid, gid) == (0, 0) else (uid, gid)
+
+
+def _read_db(lower: list[str], rel: str) -> dict[str, tuple[str, str]]:
+    """``name -> (id, gid-or-members)`` from the image's passwd or group file."""
+    found = layers.merged_lookup(lower, rel)
+    if found is None or not os.path.isfile(found) or os.path.islink(found):
+        return {}
+    out: dict[str, tuple[str, str]] = {}
+    with open(found, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.rstrip("\n").split(":")
+            if len(fields) >= 4 and fields[2].isdigit():
+                out[fields[0]] = (fields[2], fields[3] if fields[3].isdigit() else fields[2])
+    return out
+
+
+def _resolv_conf_placeholder(lower: list[str]) -> bool | None:
+    """For a RUN with the host's network: None when the host's /etc/resolv.conf cannot be
+    shown (the image has no /etc dir, or its resolv.conf is not a plain file); else whether
+    binding it creates a placeholder file that must not end up in the layer."""
+    if not os.path.isfile("/etc/resolv.conf"):
+        return None
+    etc = layers.merged_lookup(lower, "etc")
+    if etc is None or os.path.islink(etc) or not os.path.isdir(etc):
+        return None
+    found = layers.merged_lookup(lower, "etc/resolv.conf")
+    if found is None:
+        return True
+    return False if os.path.isfile(found) and not os.path.islink(found) else None
+
+
+def _drop_placeholder(upper: Path) -> None:
+    """Remove the empty /etc/resolv.conf a host-network RUN left in its upper dir (and the
+    copied-up /etc when nothing else changed there)."""
+    placeholder = upper / "etc" / "resolv.conf"
+    st = placeholder.lstat() if os.path.lexists(placeholder) else None
+    if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        placeholder.unlink()
+        with contextlib.suppress(OSError):
+            (upper / "etc").rmdir()  # only when empty
+
+
 async def _run(sup: Supervisor, state: _State, cache: _Cache, ins: Instruction, text: str,
                path: str, log: Progress) -> bool:
     argv = ins.exec_form or ["/bin/sh", "-c", text]
-    key = cache.key("RUN", state.chain(), json.dumps(argv), json.dumps(state.env()))
+    workdir = state.runtime.get("WorkingDir") or "/"
+    user = str(state.runtime.get("User") or "")
+    key = cache.key("RUN", state.chain(), json.dumps(argv), json.dumps(state.env()), workdir,
+                    user)
+    host_network = _step_network(state, ins, path)
     if (layer := cache.get(key)) is not None:
         state.layers.append(layer)
         _history(state, ins, empty=False)
         return True
     if not state.layers:
         raise RecipeError(path, ins.line, "RUN needs a base image (FROM scratch has no shell)")
+    ids = _user_ids(state, ins, path)
+    lower = state.image().lower_dirs()
+    placeholder = _resolv_conf_placeholder(lower) if host_network else None
 
     async def show(stream: str, chunk: bytes) -> None:
         for line in chunk.decode("utf-8", "replace").splitlines():
@@ -309,12 +437,15 @@ async def _run(sup: Supervisor, state: _State, cache: _Cache, ins: Instruction, 
         (upper / "work").mkdir()
         spec = JobSpec(image="<build>", argv=tuple(argv), env=state.env(), profile="build")
         result = await sup.run(spec, show, image=state.image(), writable_root=True,
-                               upper_dir=str(upper),
-                               workdir=state.runtime.get("WorkingDir") or "/")
+                               upper_dir=str(upper), workdir=workdir,
+                               host_network=host_network, resolv_conf=placeholder is not None,
+                               ids=ids)
         if result.status is not Status.OK:
             detail = result.message or (f"exit code {result.exit_code}" if result.exit_code
                                         is not None else f"signal {result.signal}")
             raise RecipeError(path, ins.line, f"RUN failed ({result.status.value}: {detail})")
+        if placeholder:
+            _drop_placeholder(upper / "upper")
         layer = await trio.to_thread.run_sync(_pack_layer, sup.store, upper / "upper")
     cache.put(key, layer)
     state.layers.append(layer)
@@ -336,6 +467,9 @@ async def _copy(state: _State, cache: _Cache, ins: Instruction, text: str, conte
     if len(words) < 2:
         raise RecipeError(path, ins.line, f"{ins.keyword} needs a source and a destination")
     *sources, dest = words
+    if ins.keyword == "ADD" and any("://" in src for src in sources):
+        raise RecipeError(path, ins.line, "ADD from a URL is not supported (only files of "
+                          "the build context)")
     workdir = state.runtime.get("WorkingDir") or "/"
     dest_abs = posixpath.normpath(posixpath.join(workdir, dest))
     srcs = [_context_path(context, s, ins, path) for s in sources]
@@ -365,7 +499,7 @@ def _copy_layer(store: Store, ins: Instruction, srcs: list[Path], dest: str,
             if ins.keyword == "ADD" and src.is_file() and _is_tar(src):
                 target.mkdir(parents=True, exist_ok=True)
                 with open(src, "rb") as f:
-                    layers.unpack(f, target)
+                    layers.unpack(f, target, max_bytes=config.max_layer_bytes())
                 continue
             if src.is_dir():
                 shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)

@@ -2,11 +2,14 @@
 
 Unpacking never writes outside its target: absolute names and ``..`` are refused, so are
 entries below a symlinked parent, hard links that point outside, and archives larger than
-a bound. Device nodes are dropped (the sandbox bind-mounts its own /dev); ownership is not
-restored (every file belongs to the user who unpacks, which a single-id user namespace maps
-to the job's ids). ``.wh.NAME`` becomes an overlay whiteout (a 0:0 character device, which
-the kernel lets anyone create) and ``.wh..wh..opq`` becomes the ``user.overlay.opaque``
-xattr, which overlayfs honours when mounted with ``userxattr`` in a user namespace.
+a bound. Device nodes are dropped (the sandbox bind-mounts its own /dev); setuid and setgid
+bits are dropped (sandboxes mount everything nosuid anyway, and an unpacked layer must not
+hand out a setuid file on the host); ownership is not restored (every file belongs to the
+user who unpacks, which a single-id user namespace maps to the job's ids). ``.wh.NAME``
+becomes an overlay whiteout (a 0:0 character device, which the kernel lets anyone create)
+and ``.wh..wh..opq`` becomes the ``user.overlay.opaque`` xattr, which overlayfs honours
+when mounted with ``userxattr`` in a user namespace. As the OCI spec says, a whiteout only
+hides lower layers: an entry of the same layer with that name wins.
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ class _Unpacker:
             return None  # devices never come from an image; 0:0 (a whiteout) is handled above
         if member.islnk():
             link = _clean_name(member.linkname)
+            if link == rel:
+                raise UnsafeLayerError(f"hard link {rel!r} points to itself")
             _check_parents(self.root, link)
             target = os.path.join(self.root, link)
             if not os.path.isfile(target) or os.path.islink(target):
@@ -113,6 +118,8 @@ class _Unpacker:
             member = _with(member, name=rel)
         else:
             return None
+        if member.mode & (stat.S_ISUID | stat.S_ISGID):
+            member = _with(member, mode=member.mode & ~(stat.S_ISUID | stat.S_ISGID))
         self.total += max(member.size, 0) if member.isreg() else 0
         if self.total > self.max_bytes:
             raise UnsafeLayerError(f"layer unpacks to more than {self.max_bytes} bytes")
@@ -146,7 +153,7 @@ def unpack(fileobj: IO[bytes], target: Path, *, max_bytes: int = DEFAULT_MAX_BYT
                 if checked is not None:
                     tar.extract(checked, root, **_TRUSTED)
         _finish(root, unpacker)
-    except tarfile.TarError as e:
+    except (tarfile.TarError, ValueError, KeyError) as e:  # tarfile's own, on odd input
         raise UnsafeLayerError(f"malformed layer archive: {e}") from None
     except (OSError, EOFError) as e:  # e.g. a name too long, a full disk, a truncated stream
         detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
@@ -154,15 +161,15 @@ def unpack(fileobj: IO[bytes], target: Path, *, max_bytes: int = DEFAULT_MAX_BYT
 
 
 def _finish(root: str, unpacker: _Unpacker) -> None:
-    """Whiteouts, opaque markers and directory modes, once every entry is in place. A later
-    entry may have replaced a directory by a symlink: nothing here goes through one."""
+    """Whiteouts, opaque markers and directory modes, once every entry is in place (so the
+    tar's order does not matter). A later entry may have replaced a directory by a symlink:
+    nothing here goes through one."""
     for rel in unpacker.whiteouts:
         _check_parents(root, rel)
         path = os.path.join(root, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        if os.path.lexists(path):
-            _remove(path)
-        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
+        if not os.path.lexists(path):  # an entry of this very layer wins over its whiteout
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
     for rel in unpacker.opaque:
         if rel:
             _check_parents(root, f"{rel}/{OPAQUE_MARKER}")
@@ -171,7 +178,7 @@ def _finish(root: str, unpacker: _Unpacker) -> None:
             os.setxattr(real, OPAQUE_XATTR, b"y", follow_symlinks=False)
     for rel, mode in reversed(unpacker.dir_modes):
         if (real := _real_dir(root, rel)) is not None:  # else replaced by a later entry
-            os.chmod(real, mode)
+            os.chmod(real, mode & ~(stat.S_ISUID | stat.S_ISGID))
 
 
 def _real_dir(root: str, rel: str) -> str | None:
@@ -189,7 +196,34 @@ def _real_dir(root: str, rel: str) -> str | None:
 
 
 def is_whiteout(st: os.stat_result) -> bool:
+    """An overlay whiteout: a 0:0 character device."""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def merged_lookup(lower: list[str], rel: str) -> str | None:
+    """Where ``rel`` lives in the overlay of the unpacked ``lower`` dirs (topmost first),
+    honouring whiteouts and opaque dirs; None when it is absent or lies below a symlink or
+    a non-directory (never followed). The result may be a symlink itself."""
+    parts = [p for p in rel.split("/") if p and p != "."]
+    for layer in lower:
+        path = layer
+        for index, part in enumerate(parts):
+            path = os.path.join(path, part)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                if _getxattr(os.path.dirname(path), OPAQUE_XATTR) == b"y":
+                    return None  # an opaque dir of this layer hides the lower ones
+                break
+            if is_whiteout(st):
+                return None
+            if index == len(parts) - 1:
+                return path
+            if not stat.S_ISDIR(st.st_mode):
+                return None
+        else:
+            return None
+    return None
 
 
 def _walk(root: str) -> Iterator[tuple[str, os.stat_result]]:

@@ -137,7 +137,8 @@ def pull(text: str, *, store: Store | None = None, insecure: bool = False,
     ref = reference.parse(text)
     try:
         store.init()
-        return _pull(ref, store, insecure, progress, cfg)
+        with store.writing():  # prune waits until the pulled image is tagged
+            return _pull(ref, store, insecure, progress, cfg)
     except OSError as e:
         if _disk_full(e):
             raise RegistryError(f"pulling {ref}: disk full while writing to {store.root} "

@@ -16,6 +16,19 @@ from ..errors import ImageError
 
 KEYWORDS = ("FROM", "RUN", "COPY", "ADD", "ENV", "WORKDIR", "USER", "ENTRYPOINT", "CMD",
             "LABEL", "ARG")
+# The ``--flags`` each instruction accepts (FROM's are mmdebstrap's, for ``debian:SUITE``).
+FLAGS: dict[str, tuple[str, ...]] = {
+    "FROM": ("variant", "include", "components", "mirror"),
+    "RUN": ("network",),
+    "COPY": ("chmod",),
+    "ADD": ("chmod",),
+}
+_FLAG_HINTS = {
+    "from": "multi-stage builds are not supported",
+    "chown": "layers do not keep file ownership",
+    "mount": "RUN mounts are not supported",
+}
+NETWORK_MODES = ("default", "none", "host")
 _FLAG_RE = re.compile(r"^--([a-z][a-z0-9-]*)(?:=(.*))?$")
 
 
@@ -73,6 +86,20 @@ def _split_flags(rest: str) -> tuple[dict[str, str], str]:
     return flags, rest
 
 
+def _check_flags(keyword: str, flags: dict[str, str], path: str, line: int) -> None:
+    for flag, setting in flags.items():
+        if flag not in FLAGS.get(keyword, ()):
+            hint = _FLAG_HINTS.get(flag)
+            raise RecipeError(path, line, f"{keyword} --{flag} is not supported"
+                              + (f" ({hint})" if hint else ""))
+        if flag == "network" and setting not in NETWORK_MODES:
+            raise RecipeError(path, line, f"RUN --network={setting}: expected one of "
+                              f"{', '.join(NETWORK_MODES)}")
+        if flag == "chmod" and not re.fullmatch(r"[0-7]{3,4}", setting):
+            raise RecipeError(path, line, f"{keyword} --chmod={setting}: expected an octal "
+                              "mode such as 755")
+
+
 def parse(text: str, path: str = "Sandboxfile") -> list[Instruction]:
     """Instructions of a recipe, validated for shape (not yet for meaning)."""
     instructions: list[Instruction] = []
@@ -83,6 +110,7 @@ def parse(text: str, path: str = "Sandboxfile") -> list[Instruction]:
             raise RecipeError(path, line, f"unsupported instruction {keyword!r} "
                               f"(supported: {', '.join(KEYWORDS)})")
         flags, rest = _split_flags(rest.strip())
+        _check_flags(keyword, flags, path, line)
         exec_form = None
         if keyword in ("RUN", "CMD", "ENTRYPOINT", "COPY", "ADD") and rest.startswith("["):
             try:

@@ -72,6 +72,8 @@ class SandboxShape:
     mount_point: str           # an existing empty host dir (per user) to build the root on
     writable_root: bool = False
     upper_dir: str = ""        # for builds: keep the overlay upper in this host dir
+    host_network: bool = False  # for builds that ask for it: no new net namespace
+    resolv_conf: bool = False  # with host_network: bind the host's /etc/resolv.conf (ro)
 
 
 def prepare(shape: SandboxShape, idmap: IdMapping, cgroup_fds: int = 0) -> list[o.Op]:
@@ -124,11 +126,16 @@ def prepare(shape: SandboxShape, idmap: IdMapping, cgroup_fds: int = 0) -> list[
         o.BindMount(f"{m}/shm", f"{root}/dev/shm"),
         *[o.Symlink(target, f"{root}/dev/{name}") for target, name in DEV_LINKS],
         o.Remount(f"{root}/dev", readonly=True, noexec=True),
-        o.PivotRoot(root),
     ]
+    if shape.host_network and shape.resolv_conf:
+        steps.append(o.BindMount("/etc/resolv.conf", f"{root}/etc/resolv.conf", readonly=True,
+                                 create="file"))
+    steps.append(o.PivotRoot(root))
     if not shape.writable_root:
         steps.append(o.Remount("/", readonly=True))
-    steps += [o.SetHostname(shape.hostname), o.LoopbackUp()]
+    steps.append(o.SetHostname(shape.hostname))
+    if not shape.host_network:
+        steps.append(o.LoopbackUp())
     return steps
 
 
@@ -188,11 +195,16 @@ def job_env(*, path: str, home: str, lang: str, image_env: Mapping[str, str],
     return env
 
 
-def clone_flags() -> int:
+def clone_flags(shape: SandboxShape | None = None) -> int:
+    """Namespaces to clone into: all of them, but the network one when the shape shares
+    the host's network (builds started with ``--network host``)."""
     from .. import linux  # noqa: PLC0415
 
-    return (linux.CLONE_NEWUSER | linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWNET
-            | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
+    flags = (linux.CLONE_NEWUSER | linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWNET
+             | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
+    if shape is not None and shape.host_network:
+        flags &= ~linux.CLONE_NEWNET
+    return flags
 
 
 def read_subids(path: str, user: str, uid: int) -> tuple[int, int] | None:

@@ -65,7 +65,7 @@ class Supervisor:
         self._cgroups: cgroups.Manager | None = None
         self._idmap: plan.IdMapping | None = None
         self._mount_point = ""
-        self._build_lock = trio.Lock()
+        self._build_locks: dict[str, trio.Lock] = {}
         self._plans: dict[tuple[plan.SandboxShape, plan.IdMapping],
                           tuple[str, list[dict[str, Any]]]] = {}
         self._image_cache: dict[str, tuple[int, Image, tuple[str, ...]]] = {}
@@ -122,17 +122,23 @@ class Supervisor:
 
     async def image(self, ref: str, progress: ProgressCallback | None = None) -> Image:
         """Resolve ``ref`` in the store; on first use, build it from the shipped recipe of
-        that name, or else pull it from its registry (like `docker run`)."""
+        that name, or else pull it from its registry (like `docker run`). Shipped recipes are
+        part of the tool: their RUN steps may use the network (to install packages)."""
         image = self._find(ref)
         if image is None:
             from ..images import build  # noqa: PLC0415
+            from ..images.store import normalize_ref  # noqa: PLC0415
 
             recipe = build.shipped_recipe(ref)
-            async with self._build_lock:
+            lock = self._build_locks.setdefault(normalize_ref(ref), trio.Lock())
+            if lock.statistics().owner is trio.lowlevel.current_task():
+                raise SpecError(f"image {ref!r}: its recipe builds FROM itself")
+            async with lock:
                 image = self.store.find(ref)
                 if image is None and recipe is not None:
                     image = await build.build(self, recipe, ref,
-                                              progress=progress or self.on_progress)
+                                              progress=progress or self.on_progress,
+                                              network="host")
                 elif image is None:
                     image = await self._pull(ref, progress or self.on_progress)
         if self._needs_unpacking(ref, image):
@@ -184,26 +190,37 @@ class Supervisor:
 
     def shape(self, image: Image, profile: Profile, limits: Limits, *,
               writable_root: bool = False, upper_dir: str = "",
-              workdir: str | None = None) -> plan.SandboxShape:
+              workdir: str | None = None, host_network: bool = False,
+              resolv_conf: bool = False, ids: tuple[int, int] | None = None,
+              ) -> plan.SandboxShape:
         workdir = workdir or profile.workdir
+        uid, gid = ids or (profile.uid, profile.gid)
         hit = self._image_cache.get(image.ref)
         lower = hit[2] if hit is not None and hit[1] is image else tuple(image.lower_dirs())
         return plan.SandboxShape(
             lower=lower, disk=int(limits.disk or 0), workdir=workdir,
-            uid=profile.uid, gid=profile.gid, hostname=profile.hostname,
-            mount_point=self._mount_point, writable_root=writable_root, upper_dir=upper_dir)
+            uid=uid, gid=gid, hostname=profile.hostname,
+            mount_point=self._mount_point, writable_root=writable_root, upper_dir=upper_dir,
+            host_network=host_network, resolv_conf=resolv_conf)
 
     async def new_sandbox(self, shape: plan.SandboxShape) -> Sandbox:
         """Make a fresh cgroup, clone an init into new namespaces that joins it and builds a
         sandbox of ``shape``, and wait until it is ready. (init joins the cgroup itself: a
-        cgroup v1 migration waits for an RCU grace period, which must not stall us.)"""
+        cgroup v1 migration waits for an RCU grace period, which must not stall us.) The
+        sandbox holds a lease on its layers until its init is closed (prune skips them)."""
         idmap = self.idmap_for(shape.upper_dir)
         layers = layer_ids(shape.lower)
-        cgroup = self.cgroups.create(f"{os.getpid()}-{next(self._ids):x}")
+        lease = await trio.to_thread.run_sync(self.store.lease, shape.lower)
+        try:
+            cgroup = self.cgroups.create(f"{os.getpid()}-{next(self._ids):x}")
+        except BaseException:
+            lease.close()
+            raise
         try:
             procs = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_files()]
         except OSError as e:
             cgroup.remove()
+            lease.close()
             raise SandboxError(f"cannot open the job's cgroup: {e.strerror}") from None
         key = (shape, idmap)
         cached = self._plans.get(key)
@@ -211,14 +228,16 @@ class Supervisor:
             cached = self._plans[key] = (f"p{len(self._plans)}",
                                          ops.encode(plan.prepare(shape, idmap, len(procs))))
         try:
-            init = await self.spawner.spawn(cached[0], cached[1], plan.clone_flags(),
+            init = await self.spawner.spawn(cached[0], cached[1], plan.clone_flags(shape),
                                             idmap.spawner_args(), procs)
         except BaseException:
             cgroup.remove()
+            lease.close()
             raise
         finally:
             for fd in procs:
                 os.close(fd)
+        init.hold(lease)
         sandbox = Sandbox(init, cgroup, layers)
         try:
             await init.wait_ready()
@@ -233,11 +252,14 @@ class Supervisor:
                   control: JobControl | None = None, owner: str = "",
                   progress: ProgressCallback | None = None, image: Image | None = None,
                   writable_root: bool = False, upper_dir: str = "",
-                  workdir: str | None = None) -> Result:
+                  workdir: str | None = None, host_network: bool = False,
+                  resolv_conf: bool = False, ids: tuple[int, int] | None = None) -> Result:
         """Run one job to completion. Bad input raises `SandboxError`; a sandbox that fails
         comes back as a `Result` with status ``internal_error``. ``control`` cancels the job
         or streams its stdin; ``image`` (instead of ``spec.image``), ``writable_root``,
-        ``upper_dir`` and ``workdir`` serve image builds."""
+        ``upper_dir``, ``workdir``, ``host_network`` (no network namespace; ``resolv_conf``
+        binds the host's) and ``ids`` (the job's uid and gid instead of the profile's: a
+        recipe's USER) serve image builds."""
         t0 = time.monotonic()
         profile = load_profile(spec.profile)
         limits = spec.limits.over(profile.limits)
@@ -256,14 +278,16 @@ class Supervisor:
         bpf = seccomp.compile_bpf(profile.seccomp)
         idmap = self.idmap_for(upper_dir)
         workdir = workdir or profile.workdir
+        uid, gid = ids or (profile.uid, profile.gid)
         env = plan.job_env(path=profile.path_env, home=workdir, lang=profile.lang,
                            image_env=image.env, extra=spec.env)
         launch = plan.Launch(argv=tuple(argv), env=env,
                              files=[(f.name, f.mode) for f in spec.files],
-                             workdir=workdir, uid=profile.uid, gid=profile.gid,
+                             workdir=workdir, uid=uid, gid=gid,
                              rlimits=profile.rlimits, bpf=bpf)
         shape = self.shape(image, profile, limits, writable_root=writable_root,
-                           upper_dir=upper_dir, workdir=workdir)
+                           upper_dir=upper_dir, workdir=workdir, host_network=host_network,
+                           resolv_conf=resolv_conf, ids=ids)
         control = control or JobControl()
         info = JobInfo(id=f"{os.getpid()}-{next(self._ids):x}", image=image.ref,
                        command=" ".join(argv)[:200], submitted=t0, owner=owner)

@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import subprocess
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -48,6 +48,10 @@ async def _send(sock: trio.socket.SocketType, msg: dict[str, Any], fds: list[int
     await sock.sendmsg([json.dumps(msg, separators=(",", ":")).encode()], anc)
 
 
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
 class InitHandle:
     """A sandbox's init process, as the supervisor sees it."""
 
@@ -58,6 +62,11 @@ class InitHandle:
         self.ready_at = 0.0
         self._dead = False
         self._closed = False
+        self._held: list[Closeable] = []
+
+    def hold(self, resource: Closeable) -> None:
+        """Keep ``resource`` (e.g. a lease on the image's layers) until `close`."""
+        self._held.append(resource)
 
     async def event(self) -> dict[str, Any] | None:
         """The next event from init, or None once it has hung up."""
@@ -112,6 +121,8 @@ class InitHandle:
             self._closed = True
             self.sock.close()
             os.close(self.pidfd)
+            for resource in self._held:
+                resource.close()
 
     async def discard(self) -> None:
         """Kill, wait for and release an unused sandbox."""

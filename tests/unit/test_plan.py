@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from sandbox.jail import ops as o
 from sandbox.jail import plan
 
@@ -75,6 +77,21 @@ def test_environment_is_built_not_inherited() -> None:
     env = plan.job_env(path="/bin", home="/work", lang="C.UTF-8",
                        image_env={"PATH": "/usr/bin", "X": "1"}, extra={"X": "2"})
     assert env == {"PATH": "/usr/bin", "HOME": "/work", "LANG": "C.UTF-8", "X": "2"}
+
+
+def test_host_network_keeps_the_hosts_namespace_and_resolv_conf() -> None:
+    from sandbox import linux
+
+    shape = dataclasses.replace(SHAPE, host_network=True, resolv_conf=True, writable_root=True)
+    steps = plan.prepare(shape, SINGLE)
+    names = kinds(steps)
+    assert "LoopbackUp" not in names
+    bind = o.BindMount("/etc/resolv.conf", f"{SHAPE.mount_point}/root/etc/resolv.conf",
+                       readonly=True, create="file")
+    assert names.index("PivotRoot") == steps.index(bind) + 1  # bound before the pivot
+    assert plan.clone_flags(shape) & linux.CLONE_NEWNET == 0
+    assert plan.clone_flags(SHAPE) & linux.CLONE_NEWNET
+    assert "LoopbackUp" in kinds(plan.prepare(SHAPE, SINGLE))
 
 
 def test_dirs_in_the_image_are_made_without_following_symlinks() -> None:
