@@ -26,10 +26,19 @@ UNIFIED = Path("/sys/fs/cgroup/unified")
 
 
 def _burn(seconds: float) -> subprocess.Popen[bytes]:
+    """A process that, once told (a line on stdin: after it joined the cgroup), allocates
+    10 MB and burns ``seconds`` of CPU, then sleeps."""
     return subprocess.Popen(["/usr/bin/python3", "-c",
-                             f"import time\nt=time.process_time()\n"
-                             f"while time.process_time()-t<{seconds}: pass\n"
-                             "time.sleep(60)"])
+                             "import sys, time\nsys.stdin.readline()\n"
+                             "x = bytearray(10 << 20)\nt = time.process_time()\n"
+                             f"while time.process_time() - t < {seconds}: pass\n"
+                             "time.sleep(60)"], stdin=subprocess.PIPE)
+
+
+def _go(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(b"go\n")
+    proc.stdin.close()
 
 
 def test_v1_backend_end_to_end() -> None:
@@ -42,12 +51,13 @@ def test_v1_backend_end_to_end() -> None:
         cg.set_limits(memory=64 << 20, pids=8)
         cg.add(proc.pid)
         assert proc.pid in cg.pids()
+        _go(proc)
         deadline = time.monotonic() + 10
         while cg.cpu_time() < 0.25 and time.monotonic() < deadline:
             time.sleep(0.05)
         stats = cg.stats()
         assert 0.25 <= stats.cpu_time < 5
-        assert 0 < stats.memory_peak <= 64 << 20
+        assert 10 << 20 <= stats.memory_peak <= 64 << 20
         assert not stats.oom_killed
         limit = Path(cg.dirs["memory"]) / "memory.limit_in_bytes"
         assert int(limit.read_text()) == 64 << 20
@@ -90,6 +100,7 @@ def test_v2_backend_on_the_unified_hierarchy(unified_base: str) -> None:
     try:
         cg.add(proc.pid)
         assert cg.pids() == [proc.pid]
+        _go(proc)
         deadline = time.monotonic() + 10
         while cg.cpu_time() < 0.25 and time.monotonic() < deadline:
             time.sleep(0.05)
