@@ -201,10 +201,12 @@ async def run(init: InitHandle, cgroup: JobCgroup, limits: Limits, go_ops: list[
                 # sandbox (namespace teardown takes a while) after the result is out.
                 if not ended_at:
                     ended_at = time.monotonic() - local_start + started_at
-            else:
+            elif state.fired is None:
                 failure = event or {"event": "failed", "step": "init",
                                     "message": "sandbox init died before the job started"}
                 init.kill()
+                await init.wait_dead()
+            else:  # the job ran (init reports the start after the spawn) and hit a limit
                 await init.wait_dead()
             control.stdin_chunks.close()
     finally:

@@ -371,3 +371,12 @@ def test_client_falls_back_to_embedded(tmp_path: Path, root_runner: Runner) -> N
         assert client.run(spec("echo", "embedded")).stdout == b"embedded\n"
     with pytest.raises(DaemonError):
         Client(tmp_path / "nobody-here.sock", mode="daemon")
+
+
+def test_output_limit_that_fires_before_the_start_is_reported(daemon: Daemon) -> None:
+    """A job that floods at once can hit its output limit before init has reported that it
+    started it (init does so after the spawn): the verdict is the limit, not a failure."""
+    with daemon.client() as client:
+        statuses = [client.run(spec("head", "-c", "1000000", "/dev/zero",
+                                    limits=Limits(output=1))).status.value for _ in range(40)]
+    assert set(statuses) == {"output_limit"}, statuses
