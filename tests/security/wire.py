@@ -32,8 +32,12 @@ class Raw:
 
     def __init__(self, path: Path, timeout: float = 120) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.connect(str(path))  # blocking: waits while the accept backlog is full
+        except OSError:
+            self.sock.close()
+            raise
         self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
         self.conn = Connection("client")
         self.conn.handshake_sent = True  # we send our own (maybe broken) frames
 
