@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import resource
 import signal
 import socket
 import struct
@@ -416,8 +417,17 @@ class Daemon:
                 return
 
 
+def raise_descriptor_limit() -> None:
+    """Every running job holds a few descriptors here (its init's pidfd and socket, its
+    output pipes): lift the soft limit (often 1024) to the hard one, as servers do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run_daemon(cfg: DaemonConfig, log_level: str = "info") -> None:
     """Entry point of `sandbox daemon`."""
+    raise_descriptor_limit()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter())
     log.addHandler(handler)

@@ -181,6 +181,11 @@ class Spawner:
             for fd in fds:
                 os.close(fd)
             raise SandboxError(f"cannot create a sandbox: {reply['error']}")
+        if len(fds) != 2:  # e.g. we were out of descriptors when they arrived
+            for fd in fds:
+                os.close(fd)
+            raise SandboxError(f"cannot create a sandbox: {len(fds)} of its 2 descriptors "
+                               "arrived (too many open files?)")
         pidfd, sock_fd = fds
         return InitHandle(int(reply["pid"]), pidfd, socket.socket(fileno=sock_fd))
 
