@@ -21,6 +21,9 @@ from .errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_MESSAGE = 64 << 20
+# Elements of all arrays and maps in one message together: a byte on the wire can be a
+# 60-byte Python object (an empty map), so a 64 MiB frame of them would take gigabytes.
+MAX_ITEMS = 1 << 20
 _LEN = struct.Struct(">I")
 
 
@@ -197,7 +200,8 @@ def _decode(raw: Any, table: dict[str, type[Any]]) -> Event:
     kind = raw.get("t")
     cls = table.get(kind) if isinstance(kind, str) else None
     if cls is None or not isinstance(kind, str):
-        raise RemoteProtocolError(f"unknown message type {str(raw.get('t'))[:40]!r}")
+        shown = kind[:40] if isinstance(kind, str) else type(kind).__name__
+        raise RemoteProtocolError(f"unknown message type {shown!r}")
     kwargs: dict[str, Any] = {}
     for name, check in _SCHEMA[cls]:
         if name in raw:
@@ -212,6 +216,27 @@ def _decode(raw: Any, table: dict[str, type[Any]]) -> Event:
 
 
 # ------------------------------------------------------------------------------ framing
+
+
+class _TooManyItems(Exception):
+    pass
+
+
+def _unpack(frame: bytes) -> Any:
+    """msgpack with a budget of `MAX_ITEMS` elements over all containers (each container
+    is bounded before it is built, and counted once it is)."""
+    left = MAX_ITEMS
+
+    def count(container: Any) -> Any:
+        nonlocal left
+        left -= len(container) + 1
+        if left < 0:
+            raise _TooManyItems
+        return container
+
+    return msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True,
+                           max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS,
+                           list_hook=count, object_hook=count)
 
 
 class Connection:
@@ -254,9 +279,11 @@ class Connection:
         frame = bytes(self._buf[_LEN.size:end])
         del self._buf[:end]
         try:
-            raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
+            raw = _unpack(frame)
         except Exception as e:  # noqa: BLE001 - msgpack raises many types on bad input
             self.broken = True
+            if isinstance(e, _TooManyItems) or "exceeds max_" in str(e):
+                raise RemoteProtocolError(f"message has more than {MAX_ITEMS} items") from None
             raise RemoteProtocolError(f"malformed message: {type(e).__name__}") from None
         try:
             event = _decode(raw, self._incoming)
