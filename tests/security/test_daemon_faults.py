@@ -29,7 +29,11 @@ def own_daemon(runner: Runner, *args: str) -> Daemon:
     """A daemon of ``runner``'s user in a directory of its own (removed by `stop`)."""
     directory = Path(tempfile.mkdtemp(prefix="sandbox-daemon-"))
     directory.chmod(0o777)
-    return start_daemon(directory, *args, user=runner.user, env=runner.env)
+    return start_daemon(directory, *args, user=runner.user, env=daemon_env(runner))
+
+
+def daemon_env(runner: Runner) -> dict[str, str] | None:
+    return runner.env if runner.user else None  # root's daemon: the tests' environment
 
 
 @pytest.fixture
@@ -125,7 +129,7 @@ def test_sigkill_of_the_daemon_with_jobs_running(runner: Runner) -> None:
         assert not _wait_gone(token), "a job outlived its daemon"
         assert _job_cgroups(runner.name, pid), "nothing to clean up: the test proves nothing"
         d.proc.wait(timeout=30)
-        d2 = start_daemon(d.path.parent, "--pool", "0", user=runner.user, env=runner.env)
+        d2 = start_daemon(d.path.parent, "--pool", "0", user=runner.user, env=daemon_env(runner))
         try:
             run_ok(runner, d2, 1)
             assert not _job_cgroups(runner.name, pid), "the next daemon removes stale cgroups"
