@@ -19,7 +19,8 @@ from tests.conftest import REPO, Runner
 from tests.security.conftest import Hostile, processes_with
 
 # These faults are about the embedded supervisor (the CLI owns the spawner and the cgroups);
-# the daemon's own (SIGKILL, SIGTERM, disconnects) are in tests/integration/test_daemon.py.
+# the daemon's own (SIGKILL, SIGTERM, disconnects) are in tests/integration/test_daemon.py
+# and test_daemon_faults.py.
 EMBEDDED = pytest.mark.parametrize("via", [("exec", {})], ids=["exec"])
 
 
