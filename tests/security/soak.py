@@ -72,7 +72,7 @@ async def soak(n: int) -> dict[str, Any]:
         base = Path("/sys/fs/cgroup/memory") / manager.base
         report.update(
             fds_end=_fds(), rss_end=_rss(), statuses=dict(statuses), wrong=wrong[:10],
-            children=[c for c in _children() if c != str(spawner)],
+            children=[c for c in _children() if c.split()[0] != str(spawner)],
             cgroups=sorted(p.name for p in base.glob(f"{os.getpid()}-*")) if base.is_dir()
             else [],
             temp=_temp_entries(sup.store.root), mounts=_mounts())
