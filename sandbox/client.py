@@ -97,9 +97,17 @@ class Client:
 
     def _connect(self, timeout: float | None) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             sock.settimeout(timeout)
-            sock.connect(str(self.path))
+            while True:
+                try:
+                    sock.connect(str(self.path))
+                    break
+                except BlockingIOError:  # the daemon's accept backlog is full: wait our turn
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
         except OSError as e:
             sock.close()
             raise DaemonError(f"no daemon at {self.path} ({e.strerror or e})") from None
@@ -285,10 +293,18 @@ class AsyncClient:
     async def __aenter__(self) -> AsyncClient:
         import trio  # noqa: PLC0415
 
-        try:
-            self._stream = await trio.open_unix_socket(str(self.path))
-        except OSError as e:
-            raise DaemonError(f"no daemon at {self.path} ({e.strerror or e})") from None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        while True:  # (trio's own connect takes a full accept backlog for "in progress")
+            try:
+                sock.connect(str(self.path))
+                break
+            except BlockingIOError:  # the daemon's accept backlog is full: wait our turn
+                await trio.sleep(0.01)
+            except OSError as e:
+                sock.close()
+                raise DaemonError(f"no daemon at {self.path} ({e.strerror or e})") from None
+        self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         await self._stack.enter_async_context(self._stream)
         self._lock = trio.Lock()
         await self._send(Hello(PROTOCOL_VERSION, f"sandbox-async-client {__version__}"))

@@ -14,10 +14,34 @@ from .errors import ProtocolError
 
 LENGTH = struct.Struct(">I")
 DEFAULT_MAX_MESSAGE = 64 << 20
+# Elements of all arrays and maps in one message together: a byte on the wire can be a
+# 60-byte Python object (an empty map), so a 64 MiB frame of them would take gigabytes.
+MAX_ITEMS = 1 << 20
 
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol does not allow."""
+
+
+class _TooManyItems(Exception):
+    pass
+
+
+def _unpack(frame: bytes) -> object:
+    """msgpack with a budget of `MAX_ITEMS` elements over all containers (each container
+    is bounded before it is built, and counted once it is)."""
+    left = MAX_ITEMS
+
+    def count(container: object) -> object:
+        nonlocal left
+        left -= len(container) + 1  # type: ignore[arg-type]
+        if left < 0:
+            raise _TooManyItems
+        return container
+
+    return msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True,
+                           max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS,
+                           list_hook=count, object_hook=count)
 
 
 def encode(message: dict[str, object]) -> bytes:
@@ -50,8 +74,10 @@ class FrameReader:
         frame = bytes(self._buf[LENGTH.size:end])
         del self._buf[:end]
         try:
-            raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
+            raw = _unpack(frame)
         except Exception as e:  # noqa: BLE001 - msgpack raises many types on bad input
+            if isinstance(e, _TooManyItems) or "exceeds max_" in str(e):
+                raise RemoteProtocolError(f"message has more than {MAX_ITEMS} items") from None
             raise RemoteProtocolError(f"malformed message: {type(e).__name__}") from None
         if not isinstance(raw, dict):
             raise RemoteProtocolError("a message must be a map")

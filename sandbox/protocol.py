@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 from .errors import ProtocolError
 from .framing import DEFAULT_MAX_MESSAGE, LENGTH, FrameReader, encode
+from .framing import MAX_ITEMS as MAX_ITEMS
 from .framing import RemoteProtocolError as RemoteProtocolError
 
 PROTOCOL_VERSION = 1
@@ -190,7 +191,8 @@ def _decode(raw: Any, table: dict[str, type[Any]]) -> Event:
     kind = raw.get("t")
     cls = table.get(kind) if isinstance(kind, str) else None
     if cls is None or not isinstance(kind, str):
-        raise RemoteProtocolError(f"unknown message type {str(raw.get('t'))[:40]!r}")
+        shown = kind[:40] if isinstance(kind, str) else type(kind).__name__
+        raise RemoteProtocolError(f"unknown message type {shown!r}")
     kwargs: dict[str, Any] = {}
     for name, check in _SCHEMA[cls]:
         if name in raw:

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import resource
 import signal
 import socket
 import struct
@@ -109,7 +110,16 @@ def peer_uid(sock: socket.socket) -> int:
 
 
 class Session:
-    """One client connection: its jobs and a lock that keeps messages whole."""
+    """One client connection: its jobs, and an outbox that keeps messages whole and in order.
+
+    Everything for the client goes through the outbox, written by one task. A job's output
+    never waits for the client (`post`): a client that stops reading must not stall its jobs,
+    which would then hold their running slots past their limits; what they post is bounded
+    by their output limit. Replies to requests (`send`) wait while more than
+    `OUTBOX_HIGH` bytes are pending, so a client that floods requests without reading the
+    answers is slowed down instead of filling the daemon's memory."""
+
+    OUTBOX_HIGH = 1 << 20
 
     def __init__(self, daemon: Daemon, stream: trio.SocketStream, number: int) -> None:
         self.daemon = daemon
@@ -117,29 +127,63 @@ class Session:
         self.name = f"c{number}"
         self.conn = Connection("server", max_message=daemon.config.max_message)
         self.jobs: dict[int, JobControl] = {}
-        self._send_lock = trio.Lock()
-        self.alive = True
+        self._outbox, self._outgoing = trio.open_memory_channel[bytes](float("inf"))
+        self._pending = 0
+        self._drained = trio.lowlevel.ParkingLot()
+        self.alive = True    # the client can still be written to
+        self.closed = False  # the client is gone or broke the protocol: send nothing new
 
-    async def send(self, event: Event) -> None:
-        if not self.alive:
+    def post(self, event: Event) -> None:
+        """Queue ``event`` for the client without waiting."""
+        if not self.alive or self.closed:
             return
         data = self.conn.send(event)
-        async with self._send_lock:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.alive = False
+        self._pending += len(data)
+        self._outbox.send_nowait(data)
+
+    async def send(self, event: Event) -> None:
+        """Queue ``event``, then wait while the client is far behind."""
+        self.post(event)
+        while self.alive and not self.closed and self._pending > self.OUTBOX_HIGH:
+            await self._drained.park()
+
+    async def _writer(self) -> None:
+        async for data in self._outgoing:
+            if self.alive:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.alive = False
+            self._pending -= len(data)
+            self._drained.unpark_all()
+        self.alive = False
+        self._drained.unpark_all()
+
+    async def flush(self) -> None:
+        """Wait until everything queued has been written (or the client is gone)."""
+        while self.alive and self._pending:
+            await self._drained.park()
 
     async def serve(self) -> None:
         sup = self.daemon.supervisor
         try:
-            async with trio.open_nursery() as jobs:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._writer)
                 try:
-                    await self._read_loop(jobs)
+                    async with trio.open_nursery() as jobs:
+                        try:
+                            await self._read_loop(jobs)
+                        finally:  # the client is gone: kill its jobs
+                            self.closed = True
+                            self._drained.unpark_all()
+                            for control in self.jobs.values():
+                                control.cancel()
                 finally:
-                    self.alive = False
-                    for control in self.jobs.values():  # the client is gone: kill its jobs
-                        control.cancel()
+                    self._outbox.close()  # the writer flushes what is queued, then ends
+                    with trio.move_on_after(10):
+                        while self._pending:
+                            await self._drained.park()
+                    outer.cancel_scope.cancel()
         finally:
             _log(logging.INFO, "disconnect", conn=self.name, queued=len(sup.queued),
                  running=len(sup.running))
@@ -158,8 +202,7 @@ class Session:
                     await self._dispatch(event, jobs)
             except RemoteProtocolError as e:
                 _log(logging.WARNING, "protocol_error", conn=self.name, error=str(e))
-                with contextlib.suppress(SandboxError):
-                    await self.send(ErrorReply(None, str(e), fatal=True))
+                self.post(ErrorReply(None, str(e), fatal=True))  # flushed before we hang up
                 return
 
     async def _dispatch(self, event: Event, jobs: trio.Nursery) -> None:
@@ -216,20 +259,19 @@ class Session:
         token = trio.lowlevel.current_trio_token()
 
         async def on_output(stream: str, data: bytes) -> None:
-            await self.send(Output(req.id, stream, data))
+            self.post(Output(req.id, stream, data))  # never waits for the client
 
         def on_progress(line: str) -> None:  # may be called from a build thread
-            token.run_sync_soon(self.daemon.nursery.start_soon, self.send,
-                                Progress(req.id, line))
+            token.run_sync_soon(self.post, Progress(req.id, line))
 
-        async def announce_start() -> None:
-            await self.send(JobStarted(req.id))
+        async def announce_start() -> None:  # the job's limits start after this: no waiting
+            self.post(JobStarted(req.id))
 
         control.on_start = announce_start
         try:
             spec = JobSpec.from_dict(req.spec)
             if sup.admission.value == 0:
-                await self.send(JobQueued(req.id, len(sup.queued) + 1))
+                self.post(JobQueued(req.id, len(sup.queued) + 1))
             result = await sup.run(spec, on_output if req.stream_output else None,
                                    control=control, owner=self.name, progress=on_progress)
             if self.daemon.stopping and control.cancelled:
@@ -355,9 +397,11 @@ class Daemon:
         for session in list(self.sessions):
             for control in session.jobs.values():
                 control.cancel()
-        if self.active_jobs:
-            with trio.move_on_after(10):
+        with trio.move_on_after(10):
+            if self.active_jobs:
                 await self._all_done.wait()
+            for session in list(self.sessions):  # their results out before we hang up
+                await session.flush()
         nursery.cancel_scope.cancel()
 
     async def _idle_watch(self, nursery: trio.Nursery) -> None:
@@ -373,8 +417,17 @@ class Daemon:
                 return
 
 
+def raise_descriptor_limit() -> None:
+    """Every running job holds a few descriptors here (its init's pidfd and socket, its
+    output pipes): lift the soft limit (often 1024) to the hard one, as servers do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run_daemon(cfg: DaemonConfig, log_level: str = "info") -> None:
     """Entry point of `sandbox daemon`."""
+    raise_descriptor_limit()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter())
     log.addHandler(handler)

@@ -238,8 +238,8 @@ def start_daemon(directory: Path, *args: str, user: str | None = None,
     if user is not None:
         cmd = ["runuser", "-u", user, "--", "env", "-i",
                *[f"{k}={v}" for k, v in (env or {}).items()], *cmd]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=f)
+    with open(log, "wb") as f:  # (``env`` is the whole environment of another user's daemon)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=f, env=env if user is None else None)
     daemon = Daemon(proc, path, log, user)
     deadline = time.monotonic() + 30
     while "event=listening" not in log.read_text():  # (a probe from root would be refused)

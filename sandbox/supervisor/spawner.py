@@ -178,22 +178,41 @@ class Spawner:
         if self._sock is None:
             raise SandboxError("spawner is not running")
         async with self._lock:
+            if self._proc is not None and self._proc.poll() is not None:
+                self._restart()  # it died (killed): its sandboxes died with it
             self._next_id += 1
             request: dict[str, Any] = {"id": self._next_id, "op": "spawn", "flags": flags,
                                        "plan_id": plan_id, "idmap": idmap}
             if plan_id not in self._known_plans:
                 request["prepare"] = prepare
-            await _send(self._sock, request, fds)
-            self._known_plans.add(plan_id)
-            reply, fds = await _recv(self._sock)
+            try:
+                await _send(self._sock, request, fds)
+                self._known_plans.add(plan_id)
+                reply, fds = await _recv(self._sock)
+            except OSError as e:
+                raise SandboxError(f"lost the spawner: {e.strerror or e}") from None
         if reply is None:
             raise SandboxError("the spawner exited unexpectedly")
         if "error" in reply:
             for fd in fds:
                 os.close(fd)
             raise SandboxError(f"cannot create a sandbox: {reply['error']}")
+        if len(fds) != 2:  # e.g. we were out of descriptors when they arrived
+            for fd in fds:
+                os.close(fd)
+            raise SandboxError(f"cannot create a sandbox: {len(fds)} of its 2 descriptors "
+                               "arrived (too many open files?)")
         pidfd, sock_fd = fds
         return InitHandle(int(reply["pid"]), pidfd, socket.socket(fileno=sock_fd))
+
+    def _restart(self) -> None:
+        """Start a new spawner in place of a dead one (a daemon outlives its spawner; it
+        runs on the main thread, as `start` must)."""
+        assert self._sock is not None
+        self._sock.close()
+        self._proc = None
+        self._known_plans.clear()  # the new spawner has seen no plan yet
+        self.start()
 
     def close(self) -> None:
         if self._sock is not None:

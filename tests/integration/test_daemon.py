@@ -99,22 +99,29 @@ def test_concurrent_clients(daemon: Daemon) -> None:
     assert results == {n * 10 + i: f"{n}-{i}\n".encode() for n in range(4) for i in range(5)}
 
 
-def test_many_jobs_over_one_connection(daemon: Daemon) -> None:
+def run_at_once(path: Path, n: int, script: str) -> list[bytes]:
+    """Run ``n`` jobs ``sh -c SCRIPT`` at once over one connection (``{i}`` in ``script``
+    is the job's number); their stdouts, after checking that nothing is left running."""
     async def main() -> list[bytes]:
-        outputs: list[bytes] = [b""] * 20
-        async with AsyncClient(daemon.path) as client:
+        outputs: list[bytes] = [b""] * n
+        async with AsyncClient(path) as client:
             async def one(i: int) -> None:
-                r = await client.run(spec("sh", "-c", f"sleep 0.0{i % 5}; echo {i}"))
+                r = await client.run(spec("sh", "-c", script.format(i=i)))
                 outputs[i] = r.stdout
 
-            async with trio.open_nursery() as n:
-                for i in range(20):
-                    n.start_soon(one, i)
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(one, i)
             listing = await client.list_jobs()
             assert listing["running"] == [] and listing["queued"] == []
         return outputs
 
-    assert trio.run(main) == [f"{i}\n".encode() for i in range(20)]
+    return trio.run(main)
+
+
+def test_many_jobs_over_one_connection(daemon: Daemon) -> None:
+    outputs = run_at_once(daemon.path, 20, "sleep 0.0$(({i} % 5)); echo {i}")
+    assert outputs == [f"{i}\n".encode() for i in range(20)]
 
 
 def test_output_streams_as_it_is_written(daemon: Daemon) -> None:
@@ -371,3 +378,33 @@ def test_client_falls_back_to_embedded(tmp_path: Path, root_runner: Runner) -> N
         assert client.run(spec("echo", "embedded")).stdout == b"embedded\n"
     with pytest.raises(DaemonError):
         Client(tmp_path / "nobody-here.sock", mode="daemon")
+
+
+def test_output_limit_that_fires_before_the_start_is_reported(daemon: Daemon) -> None:
+    """A job that floods at once can hit its output limit before init has reported that it
+    started it (init does so after the spawn): the verdict is the limit, not a failure."""
+    with daemon.client() as client:
+        statuses = [client.run(spec("head", "-c", "1000000", "/dev/zero",
+                                    limits=Limits(output=1))).status.value for _ in range(40)]
+    assert set(statuses) == {"output_limit"}, statuses
+
+
+def test_daemon_is_not_bound_by_a_low_descriptor_soft_limit(tmp_path: Path,
+                                                            root_runner: Runner) -> None:
+    """Each running job holds a few descriptors in the daemon; a daemon started with the
+    usual soft limit of 1024 (here 64) ran out of them (EMFILE) long before its hard limit.
+    It raises its soft limit to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    try:
+        d = start_daemon(tmp_path, "--pool", "0", "--max-running", "30")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    try:
+        outputs = run_at_once(d.path, 30, "sleep 1; echo {i}")
+        assert outputs == [f"{i}\n".encode() for i in range(30)]
+    finally:
+        assert d.stop() == 0, d.log.read_text()[-3000:]

@@ -5,12 +5,27 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+import shutil
 import subprocess
+import tempfile
+import threading
+from pathlib import Path
 
-from tests.conftest import SANDBOX
+from tests.conftest import SANDBOX, start_daemon
 
 from .conftest import Cli
-from .servers import FaultProxy, corrupt_blobs, drop_blob_once, fail_times, free_port
+from .servers import (
+    Fault,
+    FaultProxy,
+    Registry,
+    _ProxyHandler,
+    corrupt_blobs,
+    drop_blob_once,
+    fail_times,
+    free_port,
+    is_blob_get,
+    wait_for,
+)
 
 
 def _layer(cli: Cli, proxy: FaultProxy, tag: str = "gzip") -> tuple[str, int]:
@@ -129,3 +144,46 @@ def test_blob_longer_than_declared_is_cut_off(cli: Cli, foreign: str,
     err = cli.fails("pull", f"{proxy.host}/foreign/bb:gzip")
     assert f"more than the {size} bytes" in err
     _assert_store_clean(cli)
+
+
+def _vanish_mid_blob(proxy: FaultProxy) -> Fault:
+    """Send half of the first blob asked for, then stop the proxy: the registry is gone
+    (connections refused) for the rest of the pull."""
+    def fault(handler: _ProxyHandler, method: str, path: str) -> bool:
+        if not is_blob_get(method, path):
+            return False
+        size = len(handler.upstream(b"")[3])
+        threading.Thread(target=proxy.stop, daemon=True).start()
+        handler.forward(b"", cut_at=max(1, size // 2))
+        return True
+
+    return fault
+
+
+def test_registry_that_vanishes_mid_pull_with_a_daemon(cli: Cli, foreign: str,
+                                                       registry: Registry,
+                                                       no_leaks: None) -> None:
+    """`sandbox pull` next to a daemon on the same store, and `sandbox exec` pulling on
+    first use through the daemon: the registry disappears mid-blob; each gets a one-line
+    error, no image and nothing partial is stored, and the daemon carries on."""
+    cli.write_config("retries = 2\nbackoff = 0.1\ntimeout = 10\n")
+    directory = Path(tempfile.mkdtemp(prefix="sandbox-daemon-"))
+    daemon = start_daemon(directory, "--pool", "0", env=cli.env)
+    route = {"SANDBOX_SOCKET": str(daemon.path)}
+    try:
+        for args in (["pull"], ["exec", "--image"]):
+            proxy = FaultProxy(registry)
+            proxy.faults.append(_vanish_mid_blob(proxy))
+            err = cli.fails(*args, f"{proxy.host}/foreign/bb:gzip",
+                            *(["echo", "never"] if args[0] == "exec" else []), extra_env=route)
+            assert wait_for(lambda p=proxy: not p.thread.is_alive())  # it did vanish
+            assert "Connection refused" in err, err  # the retry found it gone
+            _assert_store_clean(cli)
+        # the daemon carries on: the same image, from the registry itself this time
+        run = cli.ok("exec", "--json", "--image", f"{foreign}:gzip", "echo", "carried on",
+                     extra_env=route)
+        assert json.loads(run.stdout)["stdout"] == "carried on\n"
+        assert "job_done" in daemon.log.read_text()  # it went through the daemon
+    finally:
+        assert daemon.stop() == 0, daemon.log.read_text()[-3000:]
+        shutil.rmtree(directory, ignore_errors=True)

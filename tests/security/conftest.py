@@ -5,8 +5,7 @@ Every hostile payload runs only inside a sandbox: through `Hostile.exec`/`Hostil
 go through `sandbox exec`. Nothing here runs a payload on the host.
 
 `via` says how a job reaches the supervisor: ``exec`` (the CLI with its embedded supervisor)
-now; ``daemon`` joins the parameter list when the daemon of issue 3 exists, and every hostile
-test then runs through it too, unchanged.
+or ``daemon`` (a session daemon of the runner's user); every hostile test runs through both.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from tests.conftest import REPO, Runner
 from tests.security.conftest import Hostile, processes_with
 
 # These faults are about the embedded supervisor (the CLI owns the spawner and the cgroups);
-# the daemon's own (SIGKILL, SIGTERM, disconnects) are in tests/integration/test_daemon.py.
+# the daemon's own (SIGKILL, SIGTERM, disconnects) are in tests/integration/test_daemon.py
+# and test_daemon_faults.py.
 EMBEDDED = pytest.mark.parametrize("via", [("exec", {})], ids=["exec"])
 
 
@@ -133,11 +134,13 @@ def test_job_output_to_a_full_disk(hostile: Hostile, as_json: bool) -> None:
 
 
 def test_a_stalled_reader_does_not_stop_the_time_limits(hostile: Hostile) -> None:
-    """Nobody reads the CLI's output: the job's wall and CPU limits must still end it."""
+    """Nobody reads the CLI's output: the job's wall and CPU limits must still end it. (The
+    embedded CLI stalls the job's output; a daemon keeps it for the CLI and lets the job go
+    on: either way the job ends at its wall-time limit.)"""
     proc = subprocess.Popen(
         hostile.command(["exec", "--image", "busybox", "--env", f"SBX_HOSTILE={hostile.token}",
                          "--wall-time", "1", "sh", "-c",
-                         "(while :; do :; done) & head -c 4000000 /dev/zero"]),
+                         "(while :; do :; done) & head -c 4000000 /dev/zero; sleep 1000"]),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=hostile.popen_env())
     try:
         deadline = time.monotonic() + 30

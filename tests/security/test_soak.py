@@ -1,7 +1,7 @@
 """Soak: 1,000+ sequential jobs through one embedded supervisor in one Python process
 (tests/security/soak.py), as root and as the unprivileged user: every result as expected,
 and afterwards no leaked process, mount, cgroup, descriptor or temporary directory; RSS
-growth reported and bounded. (10,000 jobs and the daemon variants come with issue 3.)"""
+growth reported and bounded. (10,000 jobs through a daemon: test_daemon_soak.py.)"""
 
 from __future__ import annotations
 
