@@ -152,7 +152,9 @@ def _send_and_drain(path: Path, data: bytes) -> bytes:
         return reply
 
 
-@settings(max_examples=200, deadline=None,
+# derandomize: the same 200 streams every run, so that what the test below asserts about
+# them (some reached past the decoder) cannot depend on luck
+@settings(max_examples=200, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=streams())
 def test_fuzzed_frames_never_hurt_the_daemon_or_its_other_clients(
