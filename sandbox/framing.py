@@ -60,6 +60,11 @@ class FrameReader:
     def feed(self, data: bytes) -> None:
         self._buf += data
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as a message."""
+        return len(self._buf)
+
     def next(self) -> dict[str, object] | None:
         """The next complete map, or None until more data arrives."""
         if len(self._buf) < LENGTH.size:

@@ -229,6 +229,11 @@ class Connection:
         self.handshake_sent = False
         self.broken = False
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as an event (at most one frame's worth)."""
+        return self._frames.buffered
+
     def receive_data(self, data: bytes) -> None:
         if self.broken:
             raise RemoteProtocolError("connection already failed")

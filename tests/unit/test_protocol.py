@@ -251,4 +251,4 @@ def test_fuzz_corrupted_stream(sent: list[Any], data: st.DataObject) -> None:
             server.receive_data(b"\x00")
         return
     assert got[:intact] == sent[:intact]
-    assert len(server._buf) < 4 + server.max_message
+    assert server.buffered < 4 + server.max_message
