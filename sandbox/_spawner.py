@@ -27,6 +27,7 @@ the supervisor learns of an exit from the pidfd.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -103,6 +104,11 @@ def main(ctl_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # ^C goes to the supervisor, which decides
     ctl = socket.socket(fileno=ctl_fd)
     lifeline = os.pipe()
+    # Every init is a fork of this process and shares its pages copy-on-write: keep the
+    # collector away from what exists now, so that no collection (here or in an init,
+    # which disables it) writes to those objects and copies their pages.
+    gc.collect()
+    gc.freeze()
     while True:
         msg, fds = wire.recv(ctl)
         if msg is None:

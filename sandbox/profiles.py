@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -183,19 +185,42 @@ def find_profile(name: str) -> Path:
 
 
 _cache: dict[Path, tuple[float, Profile]] = {}
+# name -> (the candidate paths in search order, the one found, its mtime, the profile):
+# every job loads its profile, and checking that a cached one is still the one that
+# `find_profile` would pick takes a stat per candidate, not a walk of the search path.
+_by_name: dict[tuple[str, str | None, str | None],
+               tuple[tuple[str, ...], str, float, Profile]] = {}
+
+
+def _still_valid(hit: tuple[tuple[str, ...], str, float, Profile]) -> bool:
+    candidates, found, mtime, _ = hit
+    for candidate in candidates:
+        try:
+            st = os.stat(candidate)
+        except OSError:
+            continue
+        return candidate == found and st.st_mtime == mtime and stat.S_ISREG(st.st_mode)
+    return False
 
 
 def load_profile(name: str) -> Profile:
-    """Find ``NAME.toml`` on the profile path and parse it (cached until the file changes)."""
+    """Find ``NAME.toml`` on the profile path and parse it (cached until the file changes
+    or another one takes its place)."""
+    key = (name, os.environ.get("XDG_CONFIG_HOME"), os.environ.get("HOME"))  # the search path
+    if (hit := _by_name.get(key)) is not None and _still_valid(hit):
+        return hit[3]
     path = find_profile(name)
     try:
         mtime = path.stat().st_mtime
-        if (hit := _cache.get(path)) and hit[0] == mtime:
-            return hit[1]
-        profile = parse_profile(name, path, path.read_text())
+        if (cached := _cache.get(path)) and cached[0] == mtime:
+            profile = cached[1]
+        else:
+            profile = parse_profile(name, path, path.read_text())
     except OSError as e:
         raise ProfileError(f"cannot read profile {path}: {e.strerror}") from None
     _cache[path] = (mtime, profile)
+    candidates = tuple(str(d / f"{name}.toml") for d in config.profile_dirs())
+    _by_name[key] = (candidates, str(path), mtime, profile)
     return profile
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import os
 import select
 import signal
@@ -28,6 +29,8 @@ from .. import linux
 from . import wire
 from .apply import Context, apply
 from .ops import Op, Spawn, decode, describe
+
+_SIGNALS = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
 
 
 def _failure(step: str, index: int, op: Op | None, exc: BaseException) -> dict[str, object]:
@@ -59,6 +62,7 @@ def run(sock: socket.socket, prepare: list[Op], lifeline: tuple[int, int],
         idmap_fd: int, fds: list[int]) -> NoReturn:
     """Entry point in the cloned child. Never returns. ``lifeline`` is a pipe whose write
     end only the spawner keeps open."""
+    gc.disable()  # a collection would write to (and so copy) the spawner's shared pages
     code = 1
     try:
         os.close(lifeline[1])
@@ -72,8 +76,11 @@ def run(sock: socket.socket, prepare: list[Op], lifeline: tuple[int, int],
 def _run(sock: socket.socket, prepare: list[Op], lifeline: int, idmap_fd: int,
          passed: list[int]) -> int:
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-    for sig in signal.valid_signals():  # the spawner ignores SIGCHLD and SIGINT
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+    # Every signal to its default (the spawner ignores SIGCHLD and SIGINT; Python ignores
+    # SIGPIPE and SIGXFSZ; a disposition ignored by whoever started the daemon survives
+    # exec). Python's table knows each one, so only those not at SIG_DFL cost a syscall.
+    for sig in _SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_DFL:
             signal.signal(sig, signal.SIG_DFL)
     # The spawner may have died before PDEATHSIG was armed: then the lifeline has hung up.
     if _orphaned(lifeline):

@@ -136,6 +136,12 @@ def prepare(shape: SandboxShape, idmap: IdMapping, cgroup_fds: int = 0) -> list[
     steps.append(o.SetHostname(shape.hostname))
     if not shape.host_network:
         steps.append(o.LoopbackUp())
+    # Not per job, so not on its path: the job's cgroup namespace is rooted at the cgroup
+    # init joined above, and the bounding set only matters at execve (init keeps its
+    # effective capabilities for the go ops).
+    if cgroup_fds:
+        steps.append(o.UnshareCgroupNamespace())
+    steps.append(o.DropBoundingSet())
     return steps
 
 
@@ -155,7 +161,7 @@ class Launch:
 
 def go(launch: Launch, idmap: IdMapping) -> list[o.Op]:
     """Ops init runs when a job arrives: copy its files in (descriptors 3.. of the go
-    message, after stdio), then enter a new cgroup namespace rooted at the job's cgroup."""
+    message, after stdio)."""
     dirs: set[str] = set()
     writes: list[o.Op] = []
     for index, (name, mode) in enumerate(launch.files):
@@ -167,16 +173,16 @@ def go(launch: Launch, idmap: IdMapping) -> list[o.Op]:
         writes.append(o.WriteFile(path, 3 + index, mode, launch.uid, launch.gid))
     made = [o.MakeDir(d, 0o755, launch.uid, launch.gid, beneath=launch.workdir)
             for d in sorted(dirs, key=lambda d: (d.count("/"), d))]
-    return [*made, *writes, o.UnshareCgroupNamespace()]
+    return [*made, *writes]
 
 
 def launch_ops(launch: Launch, idmap: IdMapping) -> list[o.Op]:
     """Ops init applies to itself before it spawns the job, which inherits the result:
-    nothing runs in the job's process before execve. Seccomp is loaded last."""
+    nothing runs in the job's process before execve. (The bounding set was emptied at the
+    end of `prepare`.) Seccomp is loaded last."""
     return [
         o.Chdir(launch.workdir),
         o.SetRlimits({k: [v[0], v[1]] for k, v in launch.rlimits.items()}),
-        o.DropBoundingSet(),
         o.SetIds(launch.uid, launch.gid, setgroups=idmap.mode != "single"),
         o.ClearCapabilities(),
         o.NoNewPrivs(),

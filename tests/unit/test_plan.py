@@ -26,7 +26,7 @@ def test_prepare_order() -> None:
     assert names.index("MountProc") < names.index("PivotRoot")
     pivot = names.index("PivotRoot")
     assert steps[pivot + 1] == o.Remount("/", readonly=True)  # the root turns read-only
-    assert names[-2:] == ["SetHostname", "LoopbackUp"]
+    assert names[-3:] == ["SetHostname", "LoopbackUp", "DropBoundingSet"]
     overlay = next(s for s in steps if isinstance(s, o.MountOverlay))
     assert overlay.lower == SHAPE.lower  # topmost layer first
     # /work and /tmp stay writable: bound onto themselves before the root turns read-only
@@ -53,11 +53,21 @@ def test_launch_order_seccomp_last() -> None:
     steps = plan.launch_ops(launch, SINGLE)
     names = kinds(steps)
     assert names[0] == "Chdir"
-    assert names.index("DropBoundingSet") < names.index("SetIds") < names.index(
-        "ClearCapabilities") < names.index("NoNewPrivs") < names.index("Seccomp")
+    assert names.index("SetIds") < names.index("ClearCapabilities") < names.index(
+        "NoNewPrivs") < names.index("Seccomp")
     assert names[-2:] == ["Seccomp", "Spawn"]
     go = plan.go(launch, SINGLE)
-    assert go == [o.WriteFile("/work/x.py", 3, 0o644, 1000, 1000), o.UnshareCgroupNamespace()]
+    assert go == [o.WriteFile("/work/x.py", 3, 0o644, 1000, 1000)]
+
+
+def test_prepare_ends_with_the_steps_no_job_changes() -> None:
+    """The cgroup namespace (rooted at the cgroup init joined first thing) and the empty
+    bounding set are the same for every job: a warm sandbox has them before a job comes."""
+    steps = plan.prepare(SHAPE, SINGLE, cgroup_fds=3)
+    names = kinds(steps)
+    assert names[0] == "JoinCgroup"
+    assert names[-2:] == ["UnshareCgroupNamespace", "DropBoundingSet"]
+    assert names.index("PivotRoot") < names.index("DropBoundingSet")
 
 
 def test_go_creates_parent_dirs_first() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,21 @@ def test_unknown_syscall_is_an_error() -> None:
 def test_unknown_profile() -> None:
     with pytest.raises(ProfileError, match="unknown profile"):
         load_profile("no-such-profile")
+
+
+def test_a_cached_profile_follows_its_file_and_the_search_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_profile is cached per job, yet a user's profile that appears later shadows the
+    shipped one, and an edit takes effect at once."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    shipped = load_profile("default")
+    assert load_profile("default") is shipped
+    mine = tmp_path / "sandbox" / "profiles" / "default.toml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text(MINIMAL)
+    assert load_profile("default").limits.time == 1
+    mine.write_text(MINIMAL.replace("time = 1", "time = 9"))
+    os.utime(mine, ns=(1, 1))  # a new mtime even within the clock's resolution
+    assert load_profile("default").limits.time == 9
+    mine.unlink()
+    assert load_profile("default").digest == shipped.digest
