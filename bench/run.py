@@ -300,9 +300,9 @@ def main() -> None:
           f"Linux {platform.release()}, load {os.getloadavg()[0]:.2f}\n")
     print("| measure | sandbox | compared with (same run) | goal | met |")
     print("|---|---|---|---|---|")
-    for r in rows:
-        met = "report" if r.met is None else ("yes" if r.met else "no")
-        print(f"| {r.name} | {r.value} | {r.against} | {r.goal} | {met} |")
+    for row in rows:
+        met = "report" if row.met is None else ("yes" if row.met else "no")
+        print(f"| {row.name} | {row.value} | {row.against} | {row.goal} | {met} |")
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(raw, indent=2))

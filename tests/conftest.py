@@ -81,7 +81,7 @@ class Runner:
         proc = self.run(["exec", "--json", "--image", image, *args], input=input,
                         timeout=timeout, pass_fds=pass_fds)
         try:
-            result = json.loads(proc.stdout)
+            result: dict[str, Any] = json.loads(proc.stdout)
         except ValueError:
             raise AssertionError(f"no JSON from sandbox exec (exit {proc.returncode}): "
                                  f"{proc.stderr.decode(errors='replace')}") from None

@@ -205,7 +205,7 @@ def _raw_connect(path: Path) -> socket.socket:
 def _frame(obj: dict[str, object]) -> bytes:
     import msgpack
 
-    body = msgpack.packb(obj, use_bin_type=True)
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
     return struct.pack(">I", len(body)) + body
 
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import SANDBOX, start_daemon
@@ -160,6 +161,11 @@ def _vanish_mid_blob(proxy: FaultProxy) -> Fault:
     return fault
 
 
+def _stopped(proxy: FaultProxy) -> Callable[[], bool]:
+    """For `wait_for`: whether ``proxy`` has stopped serving."""
+    return lambda: not proxy.thread.is_alive()
+
+
 def test_registry_that_vanishes_mid_pull_with_a_daemon(cli: Cli, foreign: str,
                                                        registry: Registry,
                                                        no_leaks: None) -> None:
@@ -176,7 +182,7 @@ def test_registry_that_vanishes_mid_pull_with_a_daemon(cli: Cli, foreign: str,
             proxy.faults.append(_vanish_mid_blob(proxy))
             err = cli.fails(*args, f"{proxy.host}/foreign/bb:gzip",
                             *(["echo", "never"] if args[0] == "exec" else []), extra_env=route)
-            assert wait_for(lambda p=proxy: not p.thread.is_alive())  # it did vanish
+            assert wait_for(_stopped(proxy))  # it did vanish
             assert "Connection refused" in err, err  # the retry found it gone
             _assert_store_clean(cli)
         # the daemon carries on: the same image, from the registry itself this time

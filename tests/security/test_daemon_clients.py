@@ -33,7 +33,7 @@ def test_a_client_that_stops_reading_holds_no_running_slot(tmp_path: Path,
     try:
         hog = Raw(d.path)
         hog.send(HELLO + run_frame(1, "head", "-c", "20000000", "/dev/zero",
-                                   limits=Limits(output="4M", wall_time=5)))
+                                   limits=Limits(output=4 << 20, wall_time=5)))
         with d.client() as bystander:
             bystander._sock.settimeout(60)  # type: ignore[union-attr]  # fail, not hang
             r = bystander.run(JobSpec(image="busybox", argv=("echo", "through")))

@@ -63,7 +63,7 @@ def messages(draw: st.DrawFn) -> dict[str, Any]:
     daemon's dispatch and run jobs), half anything at all."""
     if draw(st.booleans()):
         kind = draw(st.sampled_from(sorted(set(CLIENT_EVENTS) - {"hello"})))
-        msg = {"t": kind}
+        msg: dict[str, Any] = {"t": kind}
         for name, wire_type in _SCHEMA[CLIENT_EVENTS[kind]]:
             if draw(st.integers(0, 9)):  # now and then a field is missing
                 msg[name] = draw(TYPED[wire_type])

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def same_state(warm: dict[str, Any], end: dict[str, Any], what: str) -> None:
 
 
 def test_sequential_jobs_through_one_daemon(runner: Runner,
-                                            record_property: pytest.RecordProperty) -> None:
+                                            record_property: Callable[[str, object], None]) -> None:
     jobs = JOBS if runner.user is None else JOBS // 5  # (newuidmap per sandbox: slower)
     d = own_daemon(runner, "--pool", "2", "--warm", "busybox")
     try:
@@ -72,7 +73,7 @@ def test_sequential_jobs_through_one_daemon(runner: Runner,
 
 
 def test_concurrent_jobs_through_one_daemon(runner: Runner,
-                                            record_property: pytest.RecordProperty) -> None:
+                                            record_property: Callable[[str, object], None]) -> None:
     """All CONCURRENT jobs run at once (each waits for its stdin, sent once all have
     started), twice: the first round warms up, the second must not grow the daemon."""
     n = CONCURRENT if runner.user is None else CONCURRENT // 5

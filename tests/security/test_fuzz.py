@@ -30,7 +30,8 @@ from sandbox.errors import ImageError, ProfileError, SpecError
 from sandbox.images import layers, recipe
 from sandbox.images.store import normalize_ref
 from sandbox.profiles import parse_profile
-from sandbox.spec import JobSpec, Limits, parse_env, parse_seconds, parse_size
+from sandbox.spec import JobSpec, Limits, parse_env
+from sandbox.units import parse_seconds, parse_size
 
 FUZZ = settings(max_examples=300, deadline=2000,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

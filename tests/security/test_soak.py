@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -19,7 +20,7 @@ RSS_GROWTH_BOUND = 16 << 20  # bytes, after a warm-up of 20 jobs
 
 @pytest.mark.slow
 def test_soak_sequential_jobs(runner: Runner, no_leaks: None,
-                              record_property: pytest.RecordProperty) -> None:
+                              record_property: Callable[[str, object], None]) -> None:
     argv = [sys.executable, "-m", "tests.security.soak", str(JOBS)]
     if runner.user is not None:
         env = [f"{k}={v}" for k, v in runner.env.items()]

@@ -15,7 +15,7 @@ from sandbox.spec import JobSpec, Limits
 
 
 def frame(obj: Any) -> bytes:
-    body = msgpack.packb(obj, use_bin_type=True)
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
     return struct.pack(">I", len(body)) + body
 
 

@@ -55,13 +55,13 @@ def test_every_event_round_trips() -> None:
                   GetVersion(4)):
         server.receive_data(client.send(event))
         assert server.next_event() == event
-    for event in (JobQueued(1, 3), JobStarted(1), Output(1, "stdout", b"\xffhi"),
+    for reply in (JobQueued(1, 3), JobStarted(1), Output(1, "stdout", b"\xffhi"),
                   Progress(1, "Step 1/2"), JobFinished(1, {"status": "ok", "stdout": b""}),
                   ErrorReply(1, "no", fatal=False), ErrorReply(None, "bad", fatal=True),
                   JobList(2, [], [{"id": "x"}], {"max_running": 2}, {"idle": 1}), Pong(3),
                   VersionInfo(4, "0.1", 1)):
-        client.receive_data(server.send(event))
-        assert client.next_event() == event
+        client.receive_data(server.send(reply))
+        assert client.next_event() == reply
 
 
 def test_byte_at_a_time() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -58,13 +59,16 @@ def test_limits_accept_strings_and_fill_from_base() -> None:
 
 
 def test_jobspec_validation_and_round_trip() -> None:
-    spec = JobSpec(image="py3", argv=["python3", "x.py"], files=[File(name="x.py", data=b"1")],
+    # lists on purpose: the constructor must normalise them to the tuples from_dict makes
+    spec = JobSpec(image="py3", argv=["python3", "x.py"],  # type: ignore[arg-type]
+                   files=[File(name="x.py", data=b"1")],  # type: ignore[arg-type]
                    env={"A": "1"}, limits=Limits(time=1))
     assert JobSpec.from_dict(spec.to_dict()) == spec
+    bad: dict[str, Any]  # deliberately ill-typed arguments
     for bad in (dict(argv="python3"), dict(argv=[]), dict(argv=["a\0b"]),
                 dict(argv=["x"], env={"1A": "x"}), dict(argv=["x"], profile="../etc")):
         with pytest.raises(SpecError):
-            JobSpec(image="py3", **bad)  # type: ignore[arg-type]
+            JobSpec(image="py3", **bad)
     for name in ("../x", "/etc/passwd", "a/../../b", "", "."):
         with pytest.raises(SpecError):
             File(name=name, data=b"")

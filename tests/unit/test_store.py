@@ -82,8 +82,8 @@ def test_sizes_count_shared_layers(store: Store, two_images: tuple[Layer, ...]) 
     assert sizes == {"one:latest": (base.size + one.size, base.size, one.size),
                      "two:v2": (base.size + two.size, base.size, two.size)}
     store.tag("one", "one:alias")  # the same image under two names shares nothing new
-    sizes = {u.image.ref: u.shared for u in gc.usage(store)}
-    assert sizes["one:alias"] == sizes["one:latest"] == base.size
+    shared = {u.image.ref: u.shared for u in gc.usage(store)}
+    assert shared["one:alias"] == shared["one:latest"] == base.size
 
 
 def test_tag_and_rm(store: Store, two_images: object) -> None:
