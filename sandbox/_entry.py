@@ -8,7 +8,7 @@ import sys
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "exec":
-        from ._fastexec import run  # noqa: PLC0415 - lazy: the fast path stays light
+        from ._fastexec import exit_now, run  # noqa: PLC0415 - lazy: the fast path stays light
 
         try:
             code = run(sys.argv[2:])
@@ -16,7 +16,7 @@ def main() -> None:
             sys.stderr.write("sandbox: interrupted\n")
             sys.exit(130)
         if code is not None:
-            sys.exit(code)
+            exit_now(code)
     from .cli import main as cli_main  # noqa: PLC0415 - click only when needed
 
     cli_main()
