@@ -110,21 +110,33 @@ def main(ctl_fd: int) -> None:
     gc.collect()
     gc.freeze()
     while True:
-        msg, fds = wire.recv(ctl)
-        if msg is None:
-            return
         try:
-            if msg.get("op") == "spawn":
-                _spawn(ctl, msg, lifeline, fds)
-            elif msg.get("op") == "ping":
-                wire.send(ctl, {"id": msg.get("id"), "pong": os.getpid()})
-            else:
-                wire.send(ctl, {"id": msg.get("id"), "error": f"unknown op {msg.get('op')!r}"})
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            wire.send(ctl, {"id": msg.get("id"), "error": str(exc)})
-        finally:
-            for fd in fds:  # the init got its copies (its cgroup.procs files)
-                os.close(fd)
+            if not _serve_one(ctl, lifeline):
+                return
+        except (BrokenPipeError, ConnectionResetError):  # the supervisor is gone
+            return
+
+
+def _serve_one(ctl: socket.socket, lifeline: tuple[int, int]) -> bool:
+    """Answer one request; False once the supervisor has hung up."""
+    msg, fds = wire.recv(ctl)
+    if msg is None:
+        return False
+    try:
+        if msg.get("op") == "spawn":
+            _spawn(ctl, msg, lifeline, fds)
+        elif msg.get("op") == "ping":
+            wire.send(ctl, {"id": msg.get("id"), "pong": os.getpid()})
+        else:
+            wire.send(ctl, {"id": msg.get("id"), "error": f"unknown op {msg.get('op')!r}"})
+    except (BrokenPipeError, ConnectionResetError):
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        wire.send(ctl, {"id": msg.get("id"), "error": str(exc)})
+    finally:
+        for fd in fds:  # the init got its copies (its cgroup.procs files)
+            os.close(fd)
+    return True
 
 
 if __name__ == "__main__":
