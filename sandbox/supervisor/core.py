@@ -18,8 +18,9 @@ from typing import Any
 import trio
 
 from .. import cgroups, config, seccomp
+from ..cgroups import JobCgroup
 from ..errors import ImageError, SandboxError, SpecError
-from ..images.store import Image, Store
+from ..images.store import Image, Lease, Store
 from ..jail import ops, plan
 from ..profiles import Profile, load_profile
 from ..spec import JobSpec, Limits, Result, Status
@@ -210,18 +211,11 @@ class Supervisor:
         sandbox holds a lease on its layers until its init is closed (prune skips them)."""
         idmap = self.idmap_for(shape.upper_dir)
         layers = layer_ids(shape.lower)
-        lease = await trio.to_thread.run_sync(self.store.lease, shape.lower)
-        try:
-            cgroup = self.cgroups.create(f"{os.getpid()}-{next(self._ids):x}")
-        except BaseException:
-            lease.close()
-            raise
-        try:
-            procs = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_files()]
-        except OSError as e:
-            cgroup.remove()
-            lease.close()
-            raise SandboxError(f"cannot open the job's cgroup: {e.strerror}") from None
+        name = f"{os.getpid()}-{next(self._ids):x}"
+        # The lease may wait for a prune, and creating a cgroup can take milliseconds in the
+        # kernel: both on a worker thread, never on the event loop.
+        lease, cgroup, procs = await trio.to_thread.run_sync(self._lease_and_cgroup,
+                                                             shape.lower, name)
         key = (shape, idmap)
         cached = self._plans.get(key)
         if cached is None:
@@ -245,6 +239,24 @@ class Supervisor:
             await sandbox.destroy()
             raise
         return sandbox
+
+    def _lease_and_cgroup(self, lower: tuple[str, ...], name: str,
+                          ) -> tuple[Lease, JobCgroup, list[int]]:
+        """A lease on the layers, a new cgroup and its ``cgroup.procs`` files opened (for
+        init to join): all or nothing. Blocking; runs on a worker thread."""
+        lease = self.store.lease(lower)
+        try:
+            cgroup = self.cgroups.create(name)
+        except BaseException:
+            lease.close()
+            raise
+        try:
+            procs = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_files()]
+        except OSError as e:
+            cgroup.remove()
+            lease.close()
+            raise SandboxError(f"cannot open the job's cgroup: {e.strerror}") from None
+        return lease, cgroup, procs
 
     # -- jobs ---------------------------------------------------------------------------
 

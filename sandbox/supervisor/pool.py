@@ -57,7 +57,9 @@ class Sandbox:
             await self.init.wait_dead()
             self.init.close()
             with contextlib.suppress(SandboxError):
-                self.cgroup.remove()
+                # Removing a cgroup can take milliseconds in the kernel: never on the event
+                # loop, where other jobs' events wait.
+                await trio.to_thread.run_sync(self.cgroup.remove)
 
 
 class Pool:
