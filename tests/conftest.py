@@ -7,6 +7,7 @@ Capability probes never silently skip: if this host cannot run sandboxes the tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -23,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from sandbox import cgroups
+from sandbox.cgroups import v1
 from sandbox.client import Client
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +41,18 @@ def need(condition: bool, why: str) -> None:
     if ALLOW_SKIP:
         pytest.skip(why)
     pytest.fail(f"this host cannot run the test: {why} (SANDBOX_TESTS_ALLOW_SKIP=1 skips)")
+
+
+def exec_result(proc: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
+    """The JSON object `sandbox exec --json` printed, with the CLI's exit code as
+    ``cli_exit``; an AssertionError quoting stderr if it printed none."""
+    try:
+        result: dict[str, Any] = json.loads(proc.stdout)
+    except ValueError:
+        raise AssertionError(f"no JSON from sandbox exec (exit {proc.returncode}): "
+                             f"{proc.stderr.decode(errors='replace')}") from None
+    result["cli_exit"] = proc.returncode
+    return result
 
 
 @dataclass
@@ -80,13 +95,7 @@ class Runner:
         """`sandbox exec --json --image IMAGE ARGS...` -> the parsed result object."""
         proc = self.run(["exec", "--json", "--image", image, *args], input=input,
                         timeout=timeout, pass_fds=pass_fds)
-        try:
-            result: dict[str, Any] = json.loads(proc.stdout)
-        except ValueError:
-            raise AssertionError(f"no JSON from sandbox exec (exit {proc.returncode}): "
-                                 f"{proc.stderr.decode(errors='replace')}") from None
-        result["cli_exit"] = proc.returncode
-        return result
+        return exec_result(proc)
 
     def sh(self, script: str, *extra: str, image: str = "busybox", **kw: Any) -> dict[str, Any]:
         return self.exec(*extra, "sh", "-c", script, image=image, **kw)
@@ -132,13 +141,21 @@ def _ensure_subids(user: str) -> None:
                            capture_output=True)
 
 
+def _v1_subtrees(user: str) -> list[Path]:
+    """``sandbox system setup --user USER``'s cgroup v1 directories, one per controller."""
+    found = cgroups.mounted_hierarchies()
+    return [found[c] / v1.SUBTREE / user for c in v1.CONTROLLERS if c in found]
+
+
 @pytest.fixture(scope="session")
-def user_runner() -> Runner:
-    """The CLI as an unprivileged user created for the tests (rootless for real)."""
+def user_runner() -> Iterator[Runner]:
+    """The CLI as an unprivileged user created for the tests (rootless for real). The
+    user's cgroup subtree goes again at the end of the session if the session made it."""
     need(os.geteuid() == 0, "creating the unprivileged test user needs root")
     need(shutil.which("runuser") is not None, "runuser is missing")
     pw = _create_test_user()
     _ensure_subids(TEST_USER)
+    made = [p for p in _v1_subtrees(TEST_USER) if not p.exists()]
     subprocess.run([SANDBOX, "system", "setup", "--user", TEST_USER], check=True,
                    capture_output=True)
     home = Path(pw.pw_dir)
@@ -149,7 +166,12 @@ def user_runner() -> Runner:
         env["SANDBOX_HOME"] = store
     runner = Runner(TEST_USER, home, env=env)
     _ensure_image(runner, "busybox")
-    return runner
+    yield runner
+    for path in made:  # empty by now: every job's cgroup below it was removed
+        with contextlib.suppress(FileNotFoundError):
+            path.rmdir()
+        with contextlib.suppress(OSError):  # still holds other users' subtrees
+            path.parent.rmdir()
 
 
 @pytest.fixture(params=["root", "user"])

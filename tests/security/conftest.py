@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import pwd
 import secrets
@@ -31,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, SANDBOX, TEST_USER, Runner, need
+from tests.conftest import REPO, SANDBOX, TEST_USER, Runner, exec_result, need
 
 VIAS = ["exec", "daemon"]
 
@@ -188,12 +187,7 @@ class Hostile:
                                 "--env", f"SBX_HOSTILE={self.token}", *args],
                                input=input, timeout=timeout, pass_fds=pass_fds,
                                extra_env={**self.route, **(extra_env or {})})
-        try:
-            result: dict[str, Any] = json.loads(proc.stdout)
-        except ValueError:
-            raise AssertionError(f"no JSON from sandbox exec (exit {proc.returncode}): "
-                                 f"{proc.stderr.decode(errors='replace')}") from None
-        result["cli_exit"] = proc.returncode
+        result = exec_result(proc)
         result["cli_stderr"] = proc.stderr.decode(errors="replace")
         return result
 
