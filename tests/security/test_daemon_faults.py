@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import Daemon, Runner, start_daemon
 from tests.security.conftest import processes_with
-from tests.security.test_faults import _descendants, _job_cgroups, _ppid, _reap, _wait_gone
+from tests.security.test_faults import _job_cgroups, _reap, _wait_gone, spawners
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -52,11 +52,6 @@ def daemon_pid(d: Daemon) -> int:
     children = Path(f"/proc/{d.proc.pid}/task/{d.proc.pid}/children").read_text().split()
     assert len(children) == 1, children
     return int(children[0])
-
-
-def spawners(pid: int) -> list[int]:
-    return [p for p in _descendants(pid) if _ppid(p) == pid
-            and b"sandbox._spawner" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
 def cli(runner: Runner, d: Daemon, *args: str) -> subprocess.Popen[bytes]:

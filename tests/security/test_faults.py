@@ -48,8 +48,22 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _ppid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+def spawners(pid: int) -> list[int]:
+    """The daemon's spawner children (processes that exit while we look are skipped)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:  # a worker thread that ended
+            continue
+        for child in children:
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"sandbox._spawner" in cmdline:
+                found.append(int(child))
+    return found
 
 
 def _job_cgroups(user: str, supervisor: int) -> list[Path]:
@@ -71,8 +85,11 @@ def _start(hostile: Hostile, script: str, *opts: str) -> subprocess.Popen[bytes]
 def _supervisor_pid(proc: subprocess.Popen[bytes]) -> int:
     """The CLI's own pid (for the unprivileged user it runs under runuser and env)."""
     for pid in [proc.pid, *_descendants(proc.pid)]:
-        if b"exec" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") and \
-                b"runuser" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:  # a process that ended while we looked
+            continue
+        if b"exec" in cmdline.split(b"\0") and b"runuser" not in cmdline:
             return pid
     raise AssertionError("the CLI process was not found")
 
@@ -108,10 +125,9 @@ def test_sigkill_of_the_spawner_mid_job(hostile: Hostile) -> None:
     proc = _start(hostile, "sleep 1000", "--wall-time", "60")
     try:
         cli = _supervisor_pid(proc)
-        spawners = [p for p in _descendants(cli) if _ppid(p) == cli
-                    and b"sandbox._spawner" in Path(f"/proc/{p}/cmdline").read_bytes()]
-        assert len(spawners) == 1, spawners
-        os.kill(spawners[0], signal.SIGKILL)
+        found = spawners(cli)
+        assert len(found) == 1, found
+        os.kill(found[0], signal.SIGKILL)
     finally:
         out, err = _reap(proc)
     assert not _wait_gone(hostile.token), "a job survived its spawner"
