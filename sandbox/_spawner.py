@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import gc
 import os
+import select
 import signal
 import socket
-import subprocess
 import sys
+import time
 
 from . import linux
 from .jail import init, ops, wire
@@ -45,12 +46,52 @@ def _write_idmaps(pid: int, idmap: dict[str, list[list[int]]]) -> None:
             linux.write_file(f"/proc/{pid}/{key}_map", lines)
         return
     for tool, key in (("newuidmap", "uid"), ("newgidmap", "gid")):
-        args = [str(x) for triple in idmap[key] for x in triple]
-        proc = subprocess.run([tool, str(pid), *args], capture_output=True, text=True,
-                              check=False, timeout=10)
-        if proc.returncode != 0:
-            detail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-            raise OSError(f"{tool} failed: {detail[0]}")
+        output = _run_tool([tool, str(pid), *(str(x) for t in idmap[key] for x in t)])
+        # SIGCHLD is ignored here, so no exit status comes back: the map itself tells.
+        with open(f"/proc/{pid}/{key}_map") as f:
+            if not f.read().strip():
+                detail = output.decode(errors="replace").strip().splitlines()[-1:]
+                raise OSError(f"{tool} failed: {detail[0] if detail else 'no map written'}")
+
+
+def _run_tool(argv: list[str], timeout: float = 10.0) -> bytes:
+    """Run ``argv`` (stdin from /dev/null) and return its output once it has exited, or
+    kill it after ``timeout`` seconds. posix_spawn, not subprocess: the spawner never
+    imports threading, whose fork handler every init would pay for."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, w, 1), (os.POSIX_SPAWN_DUP2, w, 2)])
+    except OSError:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:  # already exited (and reaped by the kernel)
+        pidfd = -1
+    output = bytearray()
+    try:
+        poller = select.poll()
+        poller.register(r, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while len(output) < 65536:  # EOF once the tool (and anything it forked) is gone
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                if pidfd >= 0:
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                raise OSError(f"{argv[0]} did not finish in {timeout:g} s")
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(r)
+        if pidfd >= 0:
+            os.close(pidfd)
+    return bytes(output)
 
 
 _plans: dict[str, list[ops.Op]] = {}

@@ -7,11 +7,9 @@ with it. Every wrapper raises `OSError` with the real errno and the operation in
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
-import platform
 import socket
 import struct
 
@@ -28,7 +26,7 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
                         ctypes.c_ulong]
 _libc.unshare.argtypes = [ctypes.c_int]
 
-_MACHINE = platform.machine()
+_MACHINE = os.uname().machine
 _SYSCALLS: dict[str, dict[str, int]] = {
     "x86_64": {"clone": 56, "pivot_root": 155, "seccomp": 317, "capset": 126,
                "close_range": 436},
