@@ -66,6 +66,7 @@ MNT_DETACH = 2
 # prctl(2)
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
+PR_SET_NAME = 15
 PR_CAPBSET_DROP = 24
 PR_SET_SECUREBITS = 28
 PR_SET_NO_NEW_PRIVS = 38
@@ -124,6 +125,28 @@ def pivot_root(new_root: str, put_old: str) -> None:
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return _check(_libc.prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
+
+
+def argv_area() -> tuple[int, int]:
+    """Where this process's command line lives in its memory (what /proc/PID/cmdline
+    shows): ``(arg_start, arg_end)`` from /proc/self/stat."""
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[45]), int(fields[46])  # fields 48 and 49 of proc(5)
+
+
+def retitle(area: tuple[int, int], title: bytes) -> None:
+    """Overwrite the command line in ``area`` (from `argv_area`, inherited across fork)
+    with ``title`` and set the thread name to it: what other processes see of us. Safe in
+    Python, which copied its argv at start-up and never reads the original again."""
+    start, end = area
+    if end - start > len(title) + 1:
+        ctypes.memset(start, 0, end - start)
+        ctypes.memmove(start, title, len(title))
+        # A last byte that is not NUL tells the kernel the title was rewritten
+        # (setproctitle): it then shows the area up to the first NUL, the title alone.
+        ctypes.memset(end - 1, 1, 1)
+    prctl(PR_SET_NAME, ctypes.cast(ctypes.c_char_p(title[:15]), ctypes.c_void_p).value or 0)
 
 
 def close_range(first: int, last: int = 0xFFFFFFFF, *, cloexec: bool = False) -> None:

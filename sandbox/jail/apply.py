@@ -81,8 +81,11 @@ def apply(op: Op, ctx: Context) -> int | None:
             os.setresuid(0, 0, 0)
         case MakeRootPrivate():
             linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-        case MountTmpfs(target, size, mode, noexec):
-            flags = _NOSUID_NODEV | (linux.MS_NOEXEC if noexec else 0)
+        case MountTmpfs(target, size, mode, noexec, readonly, optional):
+            if optional and not os.path.isdir(target):
+                return None
+            flags = (_NOSUID_NODEV | (linux.MS_NOEXEC if noexec else 0)
+                     | (linux.MS_RDONLY if readonly else 0))
             linux.mount("tmpfs", target, "tmpfs", flags, f"size={size},mode={mode:o}")
         case MakeDir(path, mode, uid, gid, beneath):
             fd = _make_dirs(path, beneath)
@@ -93,8 +96,19 @@ def apply(op: Op, ctx: Context) -> int | None:
             finally:
                 os.close(fd)
         case MountOverlay(lower, upper, work, target):
-            data = f"lowerdir={':'.join(lower)},upperdir={upper},workdir={work},userxattr"
-            linux.mount("overlay", target, "overlay", _NOSUID_NODEV, data)
+            # Named by descriptor: the job reads the options in /proc/self/mountinfo, and
+            # host paths (home, user name, store) are none of its business.
+            dirs: list[int] = []
+            try:
+                for path in (*lower, upper, work):
+                    dirs.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+                names = [f"/proc/self/fd/{fd}" for fd in dirs]
+                data = (f"lowerdir={':'.join(names[:-2])},upperdir={names[-2]},"
+                        f"workdir={names[-1]},userxattr")
+                linux.mount("overlay", target, "overlay", _NOSUID_NODEV, data)
+            finally:
+                for fd in dirs:
+                    os.close(fd)
         case BindMount(source, target, readonly, create, devices):
             if not os.path.lexists(target):
                 if create == "skip":

@@ -53,6 +53,8 @@ class MountTmpfs:
     size: int
     mode: int = 0o755
     noexec: bool = False
+    readonly: bool = False
+    optional: bool = False  # nothing to do when ``target`` does not exist
 
 
 @dataclass(frozen=True, slots=True)

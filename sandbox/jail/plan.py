@@ -25,6 +25,8 @@ DEV_SIZE = 64 * 1024
 PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs", "pressure")
 PROC_MASKED = ("kcore", "keys", "timer_list", "sched_debug", "latency_stats", "kallsyms",
                "kpagecount", "kpageflags", "kpagecgroup", "config.gz")
+# Directories of hardware detail, hidden under an empty read-only tmpfs (as Docker does).
+PROC_MASKED_DIRS = ("acpi", "scsi", "asound")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,8 @@ def prepare(shape: SandboxShape, idmap: IdMapping, cgroup_fds: int = 0) -> list[
           for p in PROC_READONLY],
         *[o.BindMount("/dev/null", f"{root}/proc/{p}", readonly=True, create="skip")
           for p in PROC_MASKED],
+        *[o.MountTmpfs(f"{root}/proc/{p}", 4096, 0o555, noexec=True, readonly=True,
+                       optional=True) for p in PROC_MASKED_DIRS],
         o.MountTmpfs(f"{root}/dev", DEV_SIZE, 0o755, noexec=True),
         *[o.BindMount(f"/dev/{n}", f"{root}/dev/{n}", create="file", devices=True)
           for n in DEV_NODES],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.config import PACKAGE_DIR
 from tests.security.conftest import Hostile, Victim, fields, processes_with
 
 EPERM, ENOENT, EACCES, EROFS, ENOSPC, ENOSYS = 1, 2, 13, 30, 28, 38
@@ -111,6 +113,35 @@ def test_callers_environment_is_not_visible(hostile: Hostile, victim: Victim) ->
                    extra_env={"CALLER_SECRET": victim.secret})
     assert r["stdout"].rstrip().endswith("done")
     assert victim.secret not in r["stdout"] + r["stderr"]
+
+
+def test_proc_shows_no_host_path_names(hostile: Hostile) -> None:
+    """What the job can read of its mounts and of its init names nothing of the host: not
+    the caller's home or user name, the image store, the runtime directory, our checkout."""
+    r = hostile.sh("cat /proc/self/mountinfo /proc/self/mounts; tr '\\0' ' ' < /proc/1/cmdline;"
+                   " echo; cat /proc/1/comm; echo done")
+    out = r["stdout"]
+    assert out.rstrip().endswith("done"), r
+    assert "lowerdir=/proc/self/fd/" in out, out  # the overlay is there, named by descriptor
+    assert out.splitlines()[-3:-1] == ["sandbox-init ", "sandbox-init"], out
+    home, store = str(hostile.runner.home), str(hostile.runner.store())
+    for leak in (home + "/", store, str(PACKAGE_DIR.parent) + "/", hostile.runner.name + "/",
+                 "python"):
+        assert leak not in out, (leak, out)
+    assert not re.search(r"/run/user/|/sandbox-\d+/|/mnt/", out), out
+
+
+def test_hardware_directories_of_proc_are_masked(hostile: Hostile) -> None:
+    """/proc/acpi (and scsi, asound where the kernel has them) is an empty read-only tmpfs,
+    as in Docker."""
+    if not Path("/proc/acpi").is_dir():
+        pytest.skip("this kernel has no /proc/acpi to mask")
+    r = hostile.sh("ls -A /proc/acpi | wc -l; grep ' /proc/acpi ' /proc/self/mountinfo;"
+                   " touch /proc/acpi/x 2>&1; echo done")
+    lines = r["stdout"].splitlines()
+    assert lines[0].strip() == "0", r
+    assert " - tmpfs " in lines[1] and " ro," in lines[1], r
+    assert "Read-only file system" in lines[2] and lines[-1] == "done", r
 
 
 def test_host_processes_are_invisible(hostile: Hostile, victim: Victim) -> None:
