@@ -96,6 +96,7 @@ def _run_tool(argv: list[str], timeout: float = 10.0) -> bytes:
 
 _plans: dict[str, list[ops.Op]] = {}
 _argv_area = (0, 0)  # our command line in memory, which each init overwrites in its copy
+_reset: tuple[int, ...] | None = None  # signals each init resets to their default
 
 
 def _spawn(ctl: socket.socket, msg: dict[str, object], lifeline: tuple[int, int],
@@ -117,7 +118,7 @@ def _spawn(ctl: socket.socket, msg: dict[str, object], lifeline: tuple[int, int]
             parent_end.close()
             if idmap_w >= 0:
                 os.close(idmap_w)
-            init.run(child_end, prepare, lifeline, idmap_r, fds, _argv_area)
+            init.run(child_end, prepare, lifeline, idmap_r, fds, _argv_area, _reset)
         try:
             if idmap:
                 ok = b"0"
@@ -144,8 +145,9 @@ def main(ctl_fd: int) -> None:
         sys.exit(0)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps exited inits
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # ^C goes to the supervisor, which decides
-    global _argv_area
+    global _argv_area, _reset
     _argv_area = linux.argv_area()
+    _reset = init.not_at_default()
     ctl = socket.socket(fileno=ctl_fd)
     lifeline = os.pipe()
     # Every init is a fork of this process and shares its pages copy-on-write: keep the

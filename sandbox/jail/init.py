@@ -33,6 +33,12 @@ from .ops import Op, Spawn, decode, describe
 _SIGNALS = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
 
 
+def not_at_default() -> tuple[int, ...]:
+    """The signals whose disposition is not SIG_DFL here. The spawner asks once; each init
+    (a fork, with the same table) resets just those: the job inherits ignored signals."""
+    return tuple(s for s in _SIGNALS if signal.getsignal(s) is not signal.SIG_DFL)
+
+
 def _failure(step: str, index: int, op: Op | None, exc: BaseException) -> dict[str, object]:
     err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
     detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -59,16 +65,19 @@ def _orphaned(lifeline: int) -> bool:
 
 
 def run(sock: socket.socket, prepare: list[Op], lifeline: tuple[int, int],
-        idmap_fd: int, fds: list[int], argv_area: tuple[int, int] = (0, 0)) -> NoReturn:
+        idmap_fd: int, fds: list[int], argv_area: tuple[int, int] = (0, 0),
+        reset_signals: tuple[int, ...] | None = None) -> NoReturn:
     """Entry point in the cloned child. Never returns. ``lifeline`` is a pipe whose write
     end only the spawner keeps open; ``argv_area`` is where the spawner's command line
-    (host paths) lies in memory, overwritten here: the job can read init's."""
+    (host paths) lies in memory, overwritten here: the job can read init's.
+    ``reset_signals``: `not_at_default` as the spawner found it (else asked here)."""
     gc.disable()  # a collection would write to (and so copy) the spawner's shared pages
     code = 1
     try:
         os.close(lifeline[1])
         linux.retitle(argv_area, b"sandbox-init")
-        code = _run(sock, prepare, lifeline[0], idmap_fd, fds)
+        code = _run(sock, prepare, lifeline[0], idmap_fd, fds,
+                    not_at_default() if reset_signals is None else reset_signals)
     except BaseException as exc:  # noqa: BLE001 - report anything, then die
         with contextlib.suppress(OSError):
             wire.send(sock, _failure("init", -1, None, exc))
@@ -76,14 +85,13 @@ def run(sock: socket.socket, prepare: list[Op], lifeline: tuple[int, int],
 
 
 def _run(sock: socket.socket, prepare: list[Op], lifeline: int, idmap_fd: int,
-         passed: list[int]) -> int:
+         passed: list[int], reset_signals: tuple[int, ...]) -> int:
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     # Every signal to its default (the spawner ignores SIGCHLD and SIGINT; Python ignores
     # SIGPIPE and SIGXFSZ; a disposition ignored by whoever started the daemon survives
-    # exec). Python's table knows each one, so only those not at SIG_DFL cost a syscall.
-    for sig in _SIGNALS:
-        if signal.getsignal(sig) is not signal.SIG_DFL:
-            signal.signal(sig, signal.SIG_DFL)
+    # exec). Python's table knows each one: only those not at SIG_DFL cost a syscall.
+    for sig in reset_signals:
+        signal.signal(sig, signal.SIG_DFL)
     # The spawner may have died before PDEATHSIG was armed: then the lifeline has hung up.
     if _orphaned(lifeline):
         return 1

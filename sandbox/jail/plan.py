@@ -97,11 +97,11 @@ def prepare(shape: SandboxShape, idmap: IdMapping, cgroup_fds: int = 0) -> list[
     steps += [
         o.MakeRootPrivate(),
         o.MountTmpfs(m, shape.disk, 0o755),
-        o.MakeDir(f"{m}/root", 0o755),
-        o.MakeDir(f"{m}/shm", 0o1777, own_uid, own_gid),
+        o.MakeDir(f"{m}/root", 0o755, beneath=m),
+        o.MakeDir(f"{m}/shm", 0o1777, own_uid, own_gid, beneath=m),
     ]
     if not shape.upper_dir:
-        steps += [o.MakeDir(upper, 0o755), o.MakeDir(ovl_work, 0o700)]
+        steps += [o.MakeDir(upper, 0o755, beneath=m), o.MakeDir(ovl_work, 0o700, beneath=m)]
     # Below `root` is the image, attacker-controlled: MakeDir never follows a symlink there.
     steps += [
         o.MountOverlay(shape.lower, upper, ovl_work, root),
@@ -124,9 +124,9 @@ def prepare(shape: SandboxShape, idmap: IdMapping, cgroup_fds: int = 0) -> list[
         o.MountTmpfs(f"{root}/dev", DEV_SIZE, 0o755, noexec=True),
         *[o.BindMount(f"/dev/{n}", f"{root}/dev/{n}", create="file", devices=True)
           for n in DEV_NODES],
-        o.MakeDir(f"{root}/dev/pts", 0o755),
+        o.MakeDir(f"{root}/dev/pts", 0o755, beneath=f"{root}/dev"),
         o.MountDevpts(f"{root}/dev/pts"),
-        o.MakeDir(f"{root}/dev/shm", 0o1777),
+        o.MakeDir(f"{root}/dev/shm", 0o1777, beneath=f"{root}/dev"),
         o.BindMount(f"{m}/shm", f"{root}/dev/shm"),
         *[o.Symlink(target, f"{root}/dev/{name}") for target, name in DEV_LINKS],
         o.Remount(f"{root}/dev", readonly=True, noexec=True),

@@ -13,11 +13,12 @@ from pathlib import Path
 import pyseccomp
 import pytest
 
-from tests.conftest import Runner
+from tests.conftest import SANDBOX, Runner, exec_result
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
 EPERM, ENOSYS, SIGSYS = 1, 38, 31
+GLIBC_INTERNAL_SIGNALS = 1 << (32 - 1) | 1 << (33 - 1)  # as bits of SigIgn
 
 
 def nr(name: str) -> int:
@@ -43,6 +44,22 @@ def test_runs_as_non_root_with_no_capabilities(runner: Runner) -> None:
         assert int(f[cap], 16) == 0, (cap, f[cap])
     assert f["NoNewPrivs"] == "1"
     assert f["Seccomp"] == "2"
+
+
+def test_signals_ignored_by_the_caller_are_default_in_the_job(runner: Runner) -> None:
+    """Ignored dispositions survive exec: a caller (and so the supervisor, the spawner and
+    init) started with signals ignored must not hand them to the job."""
+    command = runner.command(["exec", "--json", "--image", "busybox", "cat", "/proc/self/status"],
+                             {"SANDBOX_SOCKET": "/nonexistent/sandbox-tests.sock"})
+    at = command.index(SANDBOX)
+    command[at:at] = ["sh", "-c", 'trap "" HUP USR1 USR2 TERM; exec "$@"', "sh"]
+    env = None if runner.user else {**os.environ, "SANDBOX_SOCKET": "/nonexistent/x.sock"}
+    proc = subprocess.run(command, capture_output=True, timeout=120, env=env, check=False)
+    f = status_fields(exec_result(proc))
+    # 32 and 33 are glibc's own (SIGCANCEL, SIGSETXID): its posix_spawn ignores them in the
+    # child, and no caller can ask otherwise (ARCHITECTURE.md, "Spawning the job").
+    assert int(f["SigIgn"], 16) & ~GLIBC_INTERNAL_SIGNALS == 0, f
+    assert int(f["SigBlk"], 16) == 0, f
 
 
 def test_user_namespace_maps_the_caller_and_never_host_root_to_the_job(
