@@ -440,6 +440,8 @@ def profile_show(name: str, bpf: bool) -> None:
               help="Jobs running at once (default: the number of CPUs); the rest queue.")
 @click.option("--max-queued", type=click.IntRange(0, 1000000), default=4096,
               show_default=True)
+@click.option("--fair", is_flag=True,
+              help="Queued jobs take turns between connections (default: arrival order).")
 @click.option("--max-jobs-per-connection", type=click.IntRange(1, 1000000), default=1024,
               show_default=True)
 @click.option("--max-message", callback=_size, default="64M", show_default=True,
@@ -449,15 +451,17 @@ def profile_show(name: str, bpf: bool) -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def daemon_cmd(socket_path: Path | None, pool_size: int, warm: tuple[str, ...],
-               max_running: int | None, max_queued: int, max_jobs_per_connection: int,
-               max_message: int, idle_timeout: float | None, log_level: str) -> None:
+               max_running: int | None, max_queued: int, fair: bool,
+               max_jobs_per_connection: int, max_message: int, idle_timeout: float | None,
+               log_level: str) -> None:
     """Serve the supervisor on a unix socket; `sandbox exec` and the Python API use it
     when it runs (SIGTERM stops it cleanly)."""
     from .server import DaemonConfig, run_daemon  # noqa: PLC0415
 
     cfg = DaemonConfig(pool_size=pool_size, max_queued=max_queued,
                        max_jobs_per_connection=max_jobs_per_connection,
-                       max_message=max_message, idle_timeout=idle_timeout, warm=warm)
+                       max_message=max_message, idle_timeout=idle_timeout, warm=warm,
+                       fair=fair)
     if socket_path is not None:
         cfg.socket_path = socket_path.absolute()
     if max_running is not None:
@@ -477,8 +481,9 @@ def ps_cmd(as_json: bool) -> None:
         click.echo(json.dumps(jobs))
         return
     limits, pool = jobs["limits"], jobs["pool"]
+    order = "taking turns" if limits.get("fair") else "in arrival order"
     click.echo(f"running {len(jobs['running'])}/{limits['max_running']}, queued "
-               f"{len(jobs['queued'])}/{limits['max_queued']}, warm sandboxes "
+               f"{len(jobs['queued'])}/{limits['max_queued']} ({order}), warm sandboxes "
                f"{pool.get('idle', 0)} (hits {pool.get('warm_hits', 0)}, cold "
                f"{pool.get('cold_starts', 0)})")
     for state in ("running", "queued"):

@@ -97,11 +97,13 @@ class DaemonConfig:
     max_message: int = 64 << 20
     idle_timeout: float | None = None
     warm: tuple[str, ...] = ()
+    fair: bool = False  # queued jobs take turns between connections (else arrival order)
 
     def limits(self) -> dict[str, int]:
         return {"max_running": self.max_running, "max_queued": self.max_queued,
                 "max_jobs_per_connection": self.max_jobs_per_connection,
-                "max_message": self.max_message, "pool_size": self.pool_size}
+                "max_message": self.max_message, "pool_size": self.pool_size,
+                "fair": int(self.fair)}
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -295,7 +297,8 @@ class Session:
 class Daemon:
     def __init__(self, cfg: DaemonConfig) -> None:
         self.config = cfg
-        self.supervisor = Supervisor(pool_size=cfg.pool_size, max_running=cfg.max_running)
+        self.supervisor = Supervisor(pool_size=cfg.pool_size, max_running=cfg.max_running,
+                                     fair=cfg.fair)
         self.sessions: set[Session] = set()
         self.stopping = False
         self.active_jobs = 0

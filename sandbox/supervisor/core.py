@@ -25,6 +25,7 @@ from ..jail import ops, plan
 from ..profiles import Profile, load_profile
 from ..spec import JobSpec, Limits, Result, Status
 from . import job
+from .admission import Admission
 from .job import JobControl
 from .pool import Pool, Sandbox, layer_ids
 from .spawner import Spawner
@@ -54,12 +55,12 @@ class Supervisor:
     """Runs jobs. Use as ``async with Supervisor() as sup: result = await sup.run(spec)``."""
 
     def __init__(self, store: Store | None = None, *, pool_size: int = 0,
-                 max_running: int | None = None,
+                 max_running: int | None = None, fair: bool = False,
                  on_progress: ProgressCallback | None = None) -> None:
         self.store = store or Store()
         self.spawner = Spawner()
         self.max_running = max_running or os.cpu_count() or 1
-        self.admission = trio.Semaphore(self.max_running)
+        self.admission = Admission(self.max_running, fair=fair)
         self.pool = Pool(self, pool_size)
         self.on_progress = on_progress
         self._ids = itertools.count(1)
@@ -305,7 +306,7 @@ class Supervisor:
                        command=" ".join(argv)[:200], submitted=t0, owner=owner)
         self.queued[info.id] = info
         try:
-            async with self.admission:
+            async with self.admission.slot(owner):
                 del self.queued[info.id]
                 info.started = time.monotonic()
                 self.running[info.id] = info

@@ -277,6 +277,61 @@ def test_admission_control_and_queue(tmp_path: Path, root_runner: Runner) -> Non
     assert errors and "queue is full" in errors[0]
 
 
+@pytest.mark.parametrize("fair", [False, True])
+def test_queued_jobs_start_in_arrival_order_or_take_turns(tmp_path: Path, root_runner: Runner,
+                                                          fair: bool) -> None:
+    """One slot; connection A queues five jobs, then connection B one. In arrival order B's
+    job runs last; with ``--fair`` it runs after at most one more of A's."""
+    d = start_daemon(tmp_path, "--pool", "0", "--max-running", "1",
+                     *(["--fair"] if fair else []))
+    done: list[str] = []
+
+    async def main() -> dict[str, object]:
+        async with AsyncClient(d.path) as a, AsyncClient(d.path) as b, \
+                trio.open_nursery() as n:
+            async def run(client: AsyncClient, name: str, seconds: str) -> None:
+                await client.run(spec("sleep", seconds))
+                done.append(name)
+
+            for i in range(5):
+                n.start_soon(run, a, f"a{i}", "0.3")
+            await trio.sleep(0.15)  # a0 runs, a1..a4 wait
+            n.start_soon(run, b, "b", "0")
+            await trio.sleep(0.05)
+            return await a.list_jobs()
+
+    try:
+        listing = trio.run(main)
+    finally:
+        assert d.stop() == 0
+    assert listing["limits"]["fair"] == int(fair)  # type: ignore[index]
+    assert sorted(done) == ["a0", "a1", "a2", "a3", "a4", "b"]
+    if fair:
+        assert done.index("b") <= 2, done
+    else:
+        assert done[-1] == "b", done
+
+
+def test_ps_shows_running_jobs_and_the_queue_order(tmp_path: Path, root_runner: Runner) -> None:
+    d = start_daemon(tmp_path, "--pool", "0", "--fair")
+    env = {**os.environ, "SANDBOX_SOCKET": str(d.path)}
+    job = subprocess.Popen([SANDBOX, "exec", "--image", "busybox", "sh", "-c",
+                            "echo up; sleep 30"], env=env, stdout=subprocess.PIPE)
+    try:
+        assert job.stdout is not None and job.stdout.readline() == b"up\n"
+        text = subprocess.run([SANDBOX, "ps"], env=env, capture_output=True, check=True).stdout
+        listing = json.loads(subprocess.run([SANDBOX, "ps", "--json"], env=env,
+                                            capture_output=True, check=True).stdout)
+    finally:
+        job.kill()
+        job.communicate()
+        assert d.stop() == 0
+    header, *rows = text.decode().splitlines()
+    assert header.startswith("running 1/") and "(taking turns)" in header, text
+    assert len(rows) == 1 and "running" in rows[0] and "sleep 30" in rows[0], text
+    assert listing["limits"]["fair"] == 1 and len(listing["running"]) == 1, listing
+
+
 def _wait_warm(client: Client) -> None:
     deadline = time.monotonic() + 10
     while client.list_jobs()["pool"]["idle"] == 0 and time.monotonic() < deadline:
