@@ -162,8 +162,9 @@ class Supervisor:
         if hit is not None and hit[0] == stamp:
             return hit[1]
         image = self.store.find(ref)
-        if image is not None:
-            self._image_cache[ref] = (stamp, image, tuple(image.lower_dirs()))
+        if image is not None:  # under the name asked for and the one `shape` looks up
+            self._image_cache[ref] = self._image_cache[image.ref] = (
+                stamp, image, tuple(image.lower_dirs()))
         return image
 
     async def _pull(self, ref: str, log: ProgressCallback | None) -> Image:

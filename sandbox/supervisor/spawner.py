@@ -43,9 +43,11 @@ async def _recv(sock: trio.socket.SocketType) -> tuple[dict[str, Any] | None, li
     return json.loads(data), list(fds)
 
 
-async def _send(sock: trio.socket.SocketType, msg: dict[str, Any], fds: list[int]) -> None:
+async def _send(sock: trio.socket.SocketType, msg: dict[str, Any] | bytes,
+                fds: list[int]) -> None:
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-    await sock.sendmsg([json.dumps(msg, separators=(",", ":")).encode()], anc)
+    data = msg if isinstance(msg, bytes) else json.dumps(msg, separators=(",", ":")).encode()
+    await sock.sendmsg([data], anc)
 
 
 class Closeable(Protocol):
@@ -85,12 +87,12 @@ class InitHandle:
         self.ready_at = float(msg.get("time", 0.0))
 
     async def go(self, go_ops: list[ops.Op], launch_ops: list[ops.Op], fds: list[int]) -> None:
-        msg = {"go": ops.encode(go_ops), "launch": ops.encode(launch_ops)}
-        size = len(json.dumps(msg, separators=(",", ":")))
-        if size > MAX_GO_MESSAGE:  # one datagram: argv and env travel in it
-            raise SpecError(f"the job's command line and environment are too large ({size} "
-                            f"bytes with the set-up; at most {MAX_GO_MESSAGE})")
-        await _send(self.sock, msg, fds)
+        data = json.dumps({"go": ops.encode(go_ops), "launch": ops.encode(launch_ops)},
+                          separators=(",", ":")).encode()
+        if len(data) > MAX_GO_MESSAGE:  # one datagram: argv and env travel in it
+            raise SpecError(f"the job's command line and environment are too large "
+                            f"({len(data)} bytes with the set-up; at most {MAX_GO_MESSAGE})")
+        await _send(self.sock, data, fds)
 
     def alive(self) -> bool:
         import select  # noqa: PLC0415
