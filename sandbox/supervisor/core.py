@@ -339,5 +339,6 @@ class Supervisor:
             if sandbox is not None:
                 if self.pool.background is not None:  # the daemon: answer first
                     self.pool.background.start_soon(sandbox.destroy)
+                    self.pool.warm(shape)  # then refill, off this job's path
                 else:
                     await sandbox.destroy()
