@@ -1,7 +1,7 @@
 """The fast path of `sandbox exec`: straight to a running daemon, without click, trio,
-dataclasses or even `typing` (importing them costs more than a whole sandboxed job). It
-speaks the protocol on its framing layer (`framing.py`) with plain maps; the daemon, run by
-the same user, is trusted to answer well-formed messages.
+dataclasses, `contextlib` or even `typing` (importing them costs more than a whole
+sandboxed job). It speaks the protocol on its framing layer (`framing.py`) with plain maps;
+the daemon, run by the same user, is trusted to answer well-formed messages.
 
 `run` returns None whenever it is not sure what to do (``--help``, an option it does not
 know, a malformed value, no daemon): the full CLI in `cli.py` then handles the command, with
@@ -14,7 +14,6 @@ from __future__ import annotations
 # `_socket`, not `socket`: the wrapper module builds its enums at import, which costs more
 # (4 ms here) than a whole sandboxed job through the daemon.
 import _socket
-import contextlib
 import os
 import sys
 
@@ -219,12 +218,16 @@ def _error(message: str, as_json: bool) -> int:
     if as_json:
         import json  # noqa: PLC0415
 
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - contextlib (and functools with it) costs this path 1 ms
             sys.stdout.write(json.dumps(verdict.internal_error(message)) + "\n")
+        except OSError:
+            pass
     drop_unwritable_stdout()
-    with contextlib.suppress(OSError):
+    try:
         sys.stderr.write(f"sandbox: error: {message}\n")
         sys.stderr.flush()
+    except OSError:
+        pass
     return 125
 
 
@@ -233,6 +236,8 @@ def exit_now(code: int) -> None:
     every module takes longer than the rest of a short `sandbox exec`). Nothing of ours
     needs it: the connection is closed and every write was flushed as it was made."""
     drop_unwritable_stdout()
-    with contextlib.suppress(OSError):
+    try:  # noqa: SIM105 - see _error
         sys.stderr.flush()
+    except OSError:
+        pass
     os._exit(code)

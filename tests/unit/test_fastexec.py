@@ -33,12 +33,14 @@ def test_speaks_the_protocol_version() -> None:
 
 
 def test_imports_nothing_heavy() -> None:
-    """The point of the fast path: no click, trio, dataclasses or typing at start-up."""
+    """The point of the fast path: no click, trio, dataclasses, typing, contextlib (nor the
+    functools it brings) at start-up."""
     import subprocess
     import sys
 
     code = ("import sys, sandbox._fastexec; "
-            "print(' '.join(m for m in ('click', 'trio', 'dataclasses', 'typing', 'rich') "
+            "print(' '.join(m for m in ('click', 'trio', 'dataclasses', 'typing', 'rich', "
+            "'contextlib', 'functools') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
