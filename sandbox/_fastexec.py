@@ -119,16 +119,23 @@ def spec_dict(opts: dict[str, Any]) -> dict[str, Any] | None:
 class _Daemon:
     def __init__(self, path: str) -> None:
         self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
-        self.sock.connect(path)
+        try:
+            self.sock.connect(path)
+        except BaseException:
+            self.sock.close()
+            raise
         self.frames = framing.FrameReader()
-        self.send({"t": "hello", "version": PROTOCOL_VERSION,
-                   "client": f"sandbox-cli {__version__}"})
+
+    def start(self, first: dict[str, Any]) -> None:
+        """Send ``hello`` and ``first`` in one write, then check the ``welcome``: the daemon
+        reads them in order and refuses everything after a ``hello`` it does not accept, so
+        the job does not wait for a round trip."""
+        self.sock.sendall(framing.encode({"t": "hello", "version": PROTOCOL_VERSION,
+                                          "client": f"sandbox-cli {__version__}"})
+                          + framing.encode(first))
         welcome = self.read()
         if welcome.get("t") != "welcome" or welcome.get("version") != PROTOCOL_VERSION:
             raise OSError("no handshake")
-
-    def send(self, message: dict[str, Any]) -> None:
-        self.sock.sendall(framing.encode(message))
 
     def read(self) -> dict[str, Any]:
         while (message := self.frames.next()) is None:
@@ -159,8 +166,14 @@ def run(argv: list[str]) -> int | None:
         return None
     as_json = opts["json"]
     try:
-        daemon.send({"t": "run", "id": 1, "spec": spec, "stream_output": not as_json,
-                     "stdin_stream": False})
+        daemon.start({"t": "run", "id": 1, "spec": spec, "stream_output": not as_json,
+                      "stdin_stream": False})
+    except OSError as e:
+        daemon.sock.close()
+        if opts.get("stdin") == "-":  # already read: the full CLI could not read it again
+            return _error(f"the daemon at {path} did not answer the handshake: {e}", as_json)
+        return None  # another protocol version, a daemon going away: the full CLI decides
+    try:
         while True:
             event = daemon.read()
             kind = event.get("t")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from sandbox import framing
 from sandbox.client import AsyncClient, Client
 from sandbox.errors import DaemonError, SandboxError
 from sandbox.spec import JobSpec, Limits
@@ -246,6 +247,51 @@ def test_garbage_gets_an_error_and_others_carry_on(daemon: Daemon, garbage: byte
         assert b"error" in reply  # a fatal error reply, then the daemon hung up
         assert bystander.run(spec("echo", "fine")).stdout == b"fine\n"
     assert daemon.proc.poll() is None
+
+
+def _frames_until_eof(s: socket.socket) -> list[dict[str, object]]:
+    reader, out = framing.FrameReader(), []
+    while chunk := s.recv(65536):
+        reader.feed(chunk)
+        while (message := reader.next()) is not None:
+            out.append(message)
+    return out
+
+
+@pytest.mark.parametrize("version", [1, 99])
+def test_requests_may_follow_hello_without_waiting_for_welcome(daemon: Daemon,
+                                                               version: int) -> None:
+    """What `sandbox exec` does to save a round trip: hello and run in one write. Behind a
+    hello the daemon refuses, nothing runs."""
+    marker = f"pipelined-{os.getpid()}-{version}"
+    s = _raw_connect(daemon.path)
+    s.settimeout(30)
+    job = {"image": "busybox", "argv": ["sh", "-c", f"echo {marker}"]}
+    s.sendall(framing.encode({"t": "hello", "version": version, "client": "test"})
+              + framing.encode({"t": "run", "id": 1, "spec": job})
+              + framing.encode({"t": "ping", "id": 2}))
+    if version == 1:
+        got: list[dict[str, object]] = []
+        reader = framing.FrameReader()
+        while not any(m.get("t") == "result" for m in got):
+            chunk = s.recv(65536)
+            assert chunk, f"the daemon hung up: {got}"
+            reader.feed(chunk)
+            while (message := reader.next()) is not None:
+                got.append(message)
+        s.close()
+        kinds = [m["t"] for m in got]
+        assert kinds[0] == "welcome" and "pong" in kinds, kinds
+        result = next(m for m in got if m["t"] == "result")["result"]
+        assert result["status"] == "ok", result  # type: ignore[index]
+        assert marker.encode() in b"".join(m["data"] for m in got  # type: ignore[misc]
+                                            if m["t"] == "output"), got
+    else:
+        got = _frames_until_eof(s)
+        s.close()
+        assert [m["t"] for m in got] == ["error"] and got[0]["fatal"], got
+        with daemon.client() as c:
+            assert not c.list_jobs()["running"] and not c.list_jobs()["queued"]
 
 
 def test_admission_control_and_queue(tmp_path: Path, root_runner: Runner) -> None:
