@@ -107,6 +107,7 @@ def check_cgroups() -> Check:
             probe.stats()
         finally:
             probe.remove()
+            manager.release()
     except SandboxError as e:
         user = cgroups.user_name()
         return Check(name, False, str(e), f"as root: sandbox system setup --user {user}")

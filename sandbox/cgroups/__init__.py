@@ -7,8 +7,9 @@ kills, and removed afterwards. Nothing outside our own subtree is ever written.
 Where the subtree is:
 
 * v1 (hybrid hosts): ``/sys/fs/cgroup/<controller>/sandbox/<user>`` for memory, pids and
-  cpuacct. root creates it on demand; for anyone else ``sandbox system setup --user NAME``
-  (as root) creates it owned by NAME.
+  cpuacct. root creates it on demand and removes it (and ``sandbox``) once nothing is left
+  in it; for anyone else ``sandbox system setup --user NAME`` (as root) creates it owned by
+  NAME.
 * v2: a delegated cgroup we run in (systemd ``Delegate=yes``, e.g. under
   ``systemd-run --user --scope -p Delegate=yes``, or one root prepared and placed us in).
   ``$SANDBOX_CGROUP`` names an explicit subtree (a path below the hierarchy's root).
@@ -59,6 +60,7 @@ class Manager(Protocol):
 
     def create(self, name: str) -> JobCgroup: ...
     def cleanup_stale(self, alive: set[str] | None = None) -> int: ...
+    def release(self) -> None: ...
     def describe(self) -> str: ...
 
 

@@ -107,9 +107,11 @@ class V1Cgroup:
 class V1Manager:
     version = 1
 
-    def __init__(self, roots: dict[str, Path], base: str) -> None:
+    def __init__(self, roots: dict[str, Path], base: str, *, on_demand: bool = False) -> None:
         self.roots = roots
         self.base = base
+        # root's own subtree (below SUBTREE): made when missing, removed when left empty
+        self.on_demand = on_demand
         self._bases = {c: str(r / base) for c, r in roots.items()}
         self.swap_accounted = (roots["memory"] / base / "memory.memsw.limit_in_bytes").exists()
 
@@ -117,6 +119,7 @@ class V1Manager:
     def for_user(cls, hierarchies: dict[str, Path]) -> V1Manager:
         base = os.environ.get("SANDBOX_CGROUP") or f"{SUBTREE}/{user_name()}"
         base = base.strip("/")
+        on_demand = os.geteuid() == 0 and base.startswith(f"{SUBTREE}/")
         roots = {c: hierarchies[c] for c in CONTROLLERS}
         for c, root in roots.items():
             path = root / base
@@ -133,25 +136,54 @@ class V1Manager:
                 with contextlib.suppress(CgroupError):
                     if _read_int(path / "memory.use_hierarchy") != 1:
                         _write(path / "memory.use_hierarchy", "1")
-        return cls(roots, base)
+        return cls(roots, base, on_demand=on_demand)
 
     def describe(self) -> str:
         return f"cgroup v1 ({', '.join(f'{c}:{r / self.base}' for c, r in self.roots.items())})"
 
     def create(self, name: str) -> V1Cgroup:
+        try:
+            try:
+                return self._create(name)
+            except FileNotFoundError:
+                if not self.on_demand:
+                    raise
+                # Another supervisor of root's removed the subtree as it went empty.
+                for base in self._bases.values():
+                    os.makedirs(base, exist_ok=True)
+                return self._create(name)
+        except OSError as e:
+            raise CgroupError(f"cannot create cgroup {name} under {self.base}: "
+                              f"{e.strerror}") from None
+
+    def _create(self, name: str) -> V1Cgroup:
         dirs: dict[str, str] = {}
         try:
             for c, root in self._bases.items():
                 d = f"{root}/{name}"
                 os.mkdir(d)
                 dirs[c] = d
-        except OSError as e:
+        except OSError:
             for d in dirs.values():
                 with contextlib.suppress(OSError):
                     os.rmdir(d)
-            raise CgroupError(f"cannot create cgroup {name} under {self.base}: "
-                              f"{e.strerror}") from None
+            raise
         return V1Cgroup(name, dirs, self.swap_accounted)
+
+    def release(self) -> None:
+        """Remove root's on-demand subtree, and SUBTREE above it, where nothing is left in
+        them: a busy one (another supervisor's jobs, another user's delegated subtree)
+        stays, and the next supervisor makes what is missing again."""
+        if not self.on_demand:
+            return
+        for root in self.roots.values():
+            path = root / self.base
+            while path != root:
+                try:
+                    path.rmdir()
+                except OSError:  # not empty, or already gone
+                    break
+                path = path.parent
 
     def cleanup_stale(self, alive: set[str] | None = None) -> int:
         """Remove job cgroups left by supervisors that died (their pid is gone)."""

@@ -139,6 +139,10 @@ class V2Manager:
         if wanted:
             _write(path / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
 
+    def release(self) -> None:
+        """Nothing to give back: the delegated subtree is not ours to remove, and our own
+        ``supervisor-PID`` leaf holds us until we exit (`cleanup_stale` removes it then)."""
+
     def create(self, name: str) -> V2Cgroup:
         path = self.base_path / name
         try:

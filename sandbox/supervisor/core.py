@@ -99,6 +99,8 @@ class Supervisor:
         with trio.CancelScope(shield=True):
             await self.pool.drain()
         self.spawner.close()
+        if self._cgroups is not None:  # every job's cgroup is gone by now
+            self._cgroups.release()
 
     @property
     def cgroups(self) -> cgroups.Manager:

@@ -20,7 +20,7 @@ import pytest
 from sandbox import cgroups
 from sandbox.cgroups import v1, v2
 from sandbox.errors import CgroupError
-from tests.conftest import need
+from tests.conftest import Runner, need
 
 UNIFIED = Path("/sys/fs/cgroup/unified")
 
@@ -41,10 +41,19 @@ def _go(proc: subprocess.Popen[bytes]) -> None:
     proc.stdin.close()
 
 
-def test_v1_backend_end_to_end() -> None:
+@pytest.fixture
+def v1_manager() -> Iterator[v1.V1Manager]:
+    """The v1 manager a supervisor of ours would use; released afterwards, as a supervisor
+    releases it when it closes."""
     hierarchies = cgroups.mounted_hierarchies()
     need(all(c in hierarchies for c in v1.CONTROLLERS), "cgroup v1 hierarchies")
     manager = v1.V1Manager.for_user(hierarchies)
+    yield manager
+    manager.release()
+
+
+def test_v1_backend_end_to_end(v1_manager: v1.V1Manager) -> None:
+    manager = v1_manager
     cg = manager.create(f"{os.getpid()}-cgtest")
     proc = _burn(0.3)
     try:
@@ -68,10 +77,8 @@ def test_v1_backend_end_to_end() -> None:
     assert not any(Path(d).exists() for d in cg.dirs.values())
 
 
-def test_v1_stale_cgroups_of_dead_supervisors_are_removed() -> None:
-    hierarchies = cgroups.mounted_hierarchies()
-    need(all(c in hierarchies for c in v1.CONTROLLERS), "cgroup v1 hierarchies")
-    manager = v1.V1Manager.for_user(hierarchies)
+def test_v1_stale_cgroups_of_dead_supervisors_are_removed(v1_manager: v1.V1Manager) -> None:
+    manager = v1_manager
     dead = subprocess.Popen(["true"])
     dead.wait()  # its pid is free now: a supervisor that died
     stale = manager.create(f"{dead.pid}-1")
@@ -82,6 +89,64 @@ def test_v1_stale_cgroups_of_dead_supervisors_are_removed() -> None:
         assert all(Path(d).exists() for d in mine.dirs.values())
     finally:
         mine.remove()
+
+
+def test_roots_v1_subtree_is_made_on_demand_and_goes_once_empty(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """root's subtree below ours is made when a supervisor needs it and removed by the last
+    one to release it; a supervisor whose subtree another one removed makes it again."""
+    hierarchies = cgroups.mounted_hierarchies()
+    need(all(c in hierarchies for c in v1.CONTROLLERS), "cgroup v1 hierarchies")
+    need(os.geteuid() == 0, "root's on-demand subtree")
+    base = f"{v1.SUBTREE}/pytest-on-demand-{os.getpid()}"
+    monkeypatch.setenv("SANDBOX_CGROUP", base)
+    paths = [hierarchies[c] / base for c in v1.CONTROLLERS]
+    first, second = (v1.V1Manager.for_user(hierarchies) for _ in range(2))
+    assert first.on_demand and all(p.is_dir() for p in paths)
+    job = first.create(f"{os.getpid()}-busy")
+    try:
+        second.release()  # first's job is still there
+        assert all(p.is_dir() for p in paths)
+    finally:
+        job.remove()
+    second.release()  # empty now: gone (SUBTREE too, unless another subtree is in it)
+    assert not any(p.exists() for p in paths)
+    again = first.create(f"{os.getpid()}-again")  # first made it again
+    try:
+        assert all(Path(d).is_dir() for d in again.dirs.values())
+    finally:
+        again.remove()
+        first.release()
+    assert not any(p.exists() for p in paths)
+
+
+def test_a_delegated_subtree_is_never_removed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subtree outside ours (named by SANDBOX_CGROUP) is not ours to remove."""
+    hierarchies = cgroups.mounted_hierarchies()
+    need(all(c in hierarchies for c in v1.CONTROLLERS), "cgroup v1 hierarchies")
+    base = f"pytest-delegated-{os.getpid()}"
+    paths = [hierarchies[c] / base for c in v1.CONTROLLERS]
+    for p in paths:
+        p.mkdir()
+    try:
+        monkeypatch.setenv("SANDBOX_CGROUP", base)
+        manager = v1.V1Manager.for_user(hierarchies)
+        assert not manager.on_demand
+        manager.release()
+        assert all(p.is_dir() for p in paths)
+    finally:
+        for p in paths:
+            p.rmdir()
+
+
+def test_a_root_supervisor_leaves_no_cgroup_behind(root_runner: Runner) -> None:
+    hierarchies = cgroups.mounted_hierarchies()
+    need(all(c in hierarchies for c in v1.CONTROLLERS), "cgroup v1 hierarchies")
+    base = f"{v1.SUBTREE}/pytest-cli-{os.getpid()}"
+    r = root_runner.run(["exec", "--image", "busybox", "true"],
+                        extra_env={"SANDBOX_CGROUP": base, "SANDBOX_SOCKET": "/nonexistent/x"})
+    assert r.returncode == 0, r.stderr
+    assert not any((hierarchies[c] / base).exists() for c in v1.CONTROLLERS)
 
 
 @pytest.fixture
