@@ -96,7 +96,7 @@ def _run_tool(argv: list[str], timeout: float = 10.0) -> bytes:
 
 _plans: dict[str, list[ops.Op]] = {}
 _argv_area = (0, 0)  # our command line in memory, which each init overwrites in its copy
-_reset: tuple[int, ...] | None = None  # signals each init resets to their default
+_reset: tuple[int, ...] = ()  # signals each init resets to their default
 
 
 def _spawn(ctl: socket.socket, msg: dict[str, object], lifeline: tuple[int, int],

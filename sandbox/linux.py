@@ -146,7 +146,8 @@ def retitle(area: tuple[int, int], title: bytes) -> None:
         # A last byte that is not NUL tells the kernel the title was rewritten
         # (setproctitle): it then shows the area up to the first NUL, the title alone.
         ctypes.memset(end - 1, 1, 1)
-    prctl(PR_SET_NAME, ctypes.cast(ctypes.c_char_p(title[:15]), ctypes.c_void_p).value or 0)
+    name = ctypes.create_string_buffer(title[:15])  # NUL-terminated, alive across the call
+    prctl(PR_SET_NAME, ctypes.addressof(name))
 
 
 def close_range(first: int, last: int = 0xFFFFFFFF, *, cloexec: bool = False) -> None:

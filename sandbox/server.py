@@ -183,8 +183,7 @@ class Session:
                 finally:
                     self._outbox.close()  # the writer flushes what is queued, then ends
                     with trio.move_on_after(10):
-                        while self._pending:
-                            await self._drained.park()
+                        await self.flush()
                     outer.cancel_scope.cancel()
         finally:
             _log(logging.INFO, "disconnect", conn=self.name, queued=len(sup.queued),

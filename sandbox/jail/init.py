@@ -65,19 +65,18 @@ def _orphaned(lifeline: int) -> bool:
 
 
 def run(sock: socket.socket, prepare: list[Op], lifeline: tuple[int, int],
-        idmap_fd: int, fds: list[int], argv_area: tuple[int, int] = (0, 0),
-        reset_signals: tuple[int, ...] | None = None) -> NoReturn:
+        idmap_fd: int, fds: list[int], argv_area: tuple[int, int],
+        reset_signals: tuple[int, ...]) -> NoReturn:
     """Entry point in the cloned child. Never returns. ``lifeline`` is a pipe whose write
     end only the spawner keeps open; ``argv_area`` is where the spawner's command line
     (host paths) lies in memory, overwritten here: the job can read init's.
-    ``reset_signals``: `not_at_default` as the spawner found it (else asked here)."""
+    ``reset_signals``: `not_at_default` as the spawner found it."""
     gc.disable()  # a collection would write to (and so copy) the spawner's shared pages
     code = 1
     try:
         os.close(lifeline[1])
         linux.retitle(argv_area, b"sandbox-init")
-        code = _run(sock, prepare, lifeline[0], idmap_fd, fds,
-                    not_at_default() if reset_signals is None else reset_signals)
+        code = _run(sock, prepare, lifeline[0], idmap_fd, fds, reset_signals)
     except BaseException as exc:  # noqa: BLE001 - report anything, then die
         with contextlib.suppress(OSError):
             wire.send(sock, _failure("init", -1, None, exc))

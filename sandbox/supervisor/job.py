@@ -110,6 +110,7 @@ async def _watchdog(cgroup: JobCgroup, state: _State, init: InitHandle) -> None:
     limit = state.limits.time or 0.0
     used = 0.0  # the job has just started: the first look is due when it could be over
     while True:
+        # Sleep until the job could have used what is left, on every CPU at once.
         await trio.sleep(min(max((limit - used) / _NCPU, 0.002), 0.1))
         used = cgroup.cpu_time() - state.init_cpu
         if used > limit:
@@ -118,7 +119,6 @@ async def _watchdog(cgroup: JobCgroup, state: _State, init: InitHandle) -> None:
         if cgroup.oom_killed():
             state.fire(Status.MEMORY_LIMIT, init)
             return
-        # Sleep (above) until the job could have used what is left, on every CPU at once.
 
 
 def _memfd(name: str, data: bytes) -> int:

@@ -43,10 +43,12 @@ async def _recv(sock: trio.socket.SocketType) -> tuple[dict[str, Any] | None, li
     return json.loads(data), list(fds)
 
 
-async def _send(sock: trio.socket.SocketType, msg: dict[str, Any] | bytes,
-                fds: list[int]) -> None:
+def _encode(msg: dict[str, Any]) -> bytes:
+    return json.dumps(msg, separators=(",", ":")).encode()
+
+
+async def _send(sock: trio.socket.SocketType, data: bytes, fds: list[int]) -> None:
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-    data = msg if isinstance(msg, bytes) else json.dumps(msg, separators=(",", ":")).encode()
     await sock.sendmsg([data], anc)
 
 
@@ -87,8 +89,7 @@ class InitHandle:
         self.ready_at = float(msg.get("time", 0.0))
 
     async def go(self, go_ops: list[ops.Op], launch_ops: list[ops.Op], fds: list[int]) -> None:
-        data = json.dumps({"go": ops.encode(go_ops), "launch": ops.encode(launch_ops)},
-                          separators=(",", ":")).encode()
+        data = _encode({"go": ops.encode(go_ops), "launch": ops.encode(launch_ops)})
         if len(data) > MAX_GO_MESSAGE:  # one datagram: argv and env travel in it
             raise SpecError(f"the job's command line and environment are too large "
                             f"({len(data)} bytes with the set-up; at most {MAX_GO_MESSAGE})")
@@ -188,7 +189,7 @@ class Spawner:
             if plan_id not in self._known_plans:
                 request["prepare"] = prepare
             try:
-                await _send(self._sock, request, fds)
+                await _send(self._sock, _encode(request), fds)
                 self._known_plans.add(plan_id)
                 reply, fds = await _recv(self._sock)
             except OSError as e:
