@@ -431,7 +431,8 @@ def profile_show(name: str, bpf: bool) -> None:
 
 @cli.command("daemon")
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path),
-              help="Unix socket (default: $XDG_RUNTIME_DIR/sandbox/sandbox.sock).")
+              help="Unix socket (default: $SANDBOX_SOCKET, else /run/user/UID/sandbox/"
+                   "sandbox.sock; /run/sandbox/sandbox.sock for root).")
 @click.option("--pool", "pool_size", type=click.IntRange(0, 1024), default=4,
               show_default=True, help="Warm sandboxes kept ready per image and profile.")
 @click.option("--warm", multiple=True, metavar="IMAGE[@PROFILE]",

@@ -60,8 +60,8 @@ ProgressSink = Callable[[str], None]
 
 
 def socket_path() -> Path:
-    """The daemon's socket: ``$SANDBOX_SOCKET``, else ``$XDG_RUNTIME_DIR/sandbox/sandbox.sock``
-    (``/tmp/sandbox-UID/sandbox.sock`` without XDG_RUNTIME_DIR)."""
+    """The daemon's socket: ``$SANDBOX_SOCKET``, else ``sandbox.sock`` in the runtime dir
+    (`runtime.runtime_dir_path`)."""
     return Path(runtime.socket_path())
 
 
@@ -236,22 +236,49 @@ def _first_sandbox_error(group: BaseExceptionGroup[BaseException]) -> SandboxErr
     return None
 
 
-def start_daemon(path: Path, idle_timeout: float = 300.0, wait: float = 10.0) -> None:
-    """Start `sandbox daemon` in the background (its own session, logging to a file next to
-    the socket) and wait until it accepts connections."""
+def start_daemon(path: Path, idle_timeout: float = 300.0, wait: float = 30.0) -> None:
+    """Start `sandbox daemon` in the background, logging to ``daemon.log`` next to the
+    socket, and wait until it accepts connections. Where systemd runs it is a transient
+    unit with ``Delegate=yes`` (``sandbox-daemon.service``: the user's manager, or the
+    system's for root), so it gets a cgroup subtree of its own and outlives the caller's
+    session scope; elsewhere a process in a session of its own."""
+    from .cgroups import systemd  # noqa: PLC0415
+
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    log = open(path.parent / "daemon.log", "ab")  # noqa: SIM115 - handed to the child
-    with log:
-        subprocess.Popen([sys.executable, "-m", "sandbox", "daemon", "--socket", str(path),
-                          "--idle-timeout", str(idle_timeout)], stdin=subprocess.DEVNULL,
-                         stdout=log, stderr=log, start_new_session=True, close_fds=True)
+    log = path.parent / "daemon.log"
+    argv = [sys.executable, "-m", "sandbox", "daemon", "--socket", str(path),
+            "--idle-timeout", str(idle_timeout)]
+    if systemd.running():
+        env = {k: v for k, v in os.environ.items() if k not in _SERVICE_MANAGED_ENV}
+        systemd.start_service(daemon_unit(path), argv, env, log=str(log),
+                              description=f"sandbox daemon on {path}")
+    else:
+        with open(log, "ab") as out:
+            subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                             start_new_session=True, close_fds=True)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         with contextlib.suppress(DaemonError):
             Client(path, mode="daemon").close()
             return
         time.sleep(0.02)
-    raise DaemonError(f"the daemon did not start (see {path.parent / 'daemon.log'})")
+    raise DaemonError(f"the daemon did not start (see {log})")
+
+
+# What systemd sets for a unit itself (a daemon must not inherit the caller's).
+_SERVICE_MANAGED_ENV = frozenset({"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+                                  "INVOCATION_ID", "JOURNAL_STREAM", "MANAGERPID",
+                                  "SYSTEMD_EXEC_PID", "WATCHDOG_PID", "WATCHDOG_USEC"})
+
+
+def daemon_unit(path: Path) -> str:
+    """The transient unit of a daemon started on demand: ``sandbox-daemon.service`` for the
+    default socket, a name derived from the socket's path for any other."""
+    if str(path) == runtime.default_socket_path():
+        return "sandbox-daemon.service"
+    import hashlib  # noqa: PLC0415
+
+    return f"sandbox-daemon-{hashlib.sha256(str(path).encode()).hexdigest()[:12]}.service"
 
 
 def run_job(spec: JobSpec, *, on_output: OutputSink | None = None,

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cgroups
+from .cgroups import v1
 from .config import PACKAGE_DIR, spawner_python
-from .errors import SandboxError
+from .errors import CgroupError, SandboxError
 
 
 @dataclass
@@ -97,20 +98,40 @@ def check_userns() -> Check:
 
 
 def check_cgroups() -> Check:
+    """What a supervisor does, for real: find (or, on a systemd host, ask for) our subtree,
+    place a stand-in for the spawner in it, make a job cgroup, limit it, move the stand-in
+    into it as a sandbox's init moves itself, read it, and remove everything again."""
     name = "cgroups (memory, pids, cpu accounting) in a subtree of our own"
+    manager: cgroups.Manager | None = None
+    helper = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(60)"],
+                              stdin=subprocess.DEVNULL)
     try:
         manager = cgroups.detect()
+        manager.adopt(helper.pid)
         probe = manager.create(f"{os.getpid()}-doctor")
         try:
             probe.set_limits(memory=64 << 20, pids=16)
+            probe.add(helper.pid)
             probe.cpu_time()
             probe.stats()
         finally:
+            helper.kill()
+            helper.wait()
             probe.remove()
-            manager.release()
     except SandboxError as e:
-        user = cgroups.user_name()
-        return Check(name, False, str(e), f"as root: sandbox system setup --user {user}")
+        if isinstance(e, CgroupError):
+            detail, fix = e.detail, e.fix
+        else:
+            detail, fix = str(e), ""
+        if not fix and cgroups.mounted_hierarchies().keys() >= set(v1.CONTROLLERS):
+            fix = f"as root: sandbox system setup --user {cgroups.user_name()}"
+        return Check(name, False, detail, fix)
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
+        if manager is not None:
+            manager.release()
     return Check(name, True, manager.describe())
 
 

@@ -46,7 +46,14 @@ class RegistryError(ImageError):
 
 
 class CgroupError(SandboxError):
-    """No usable cgroup subtree, or a limit that cannot be enforced here."""
+    """No usable cgroup subtree, or a limit that cannot be enforced here. ``fix`` is what
+    to do about it on this host (`sandbox doctor` prints it on a line of its own)."""
+
+    def __init__(self, detail: str, *, fix: str = "", errno: int = 0) -> None:
+        self.detail = detail
+        self.fix = fix
+        self.errno = errno
+        super().__init__(f"{detail} (fix: {fix})" if fix else detail)
 
 
 class SetupError(SandboxError):

@@ -12,6 +12,7 @@ from .cgroups import v1
 from .errors import CgroupError, SpecError
 
 V2_DROPIN = Path("/etc/systemd/system/user@.service.d/sandbox-delegate.conf")
+V2_CONTROLLERS = ("cpu", "memory", "pids")
 
 
 def setup_user(user: str) -> list[str]:
@@ -33,11 +34,7 @@ def setup_user(user: str) -> list[str]:
                 os.chown(target, pw.pw_uid, pw.pw_gid)
             done.append(f"cgroup v1: {path} now belongs to {user}")
     elif "unified" in hierarchies:
-        V2_DROPIN.parent.mkdir(parents=True, exist_ok=True)
-        V2_DROPIN.write_text("[Service]\nDelegate=cpu cpuset io memory pids\n")
-        done.append(f"cgroup v2: wrote {V2_DROPIN} (systemd delegates memory, pids and cpu to "
-                    "every user); run `systemctl daemon-reload` and log in again, then "
-                    "`sandbox` runs itself under `systemd-run --user --scope`")
+        done.extend(_setup_v2(user, pw.pw_uid))
     else:
         raise CgroupError("no cgroup hierarchy is mounted")
     subuid = Path("/etc/subuid")
@@ -46,4 +43,36 @@ def setup_user(user: str) -> list[str]:
         done.append(f"note: {user} has no /etc/subuid range (for rootless image builds and "
                     f"full id maps: usermod --add-subuids 100000-165535 "
                     f"--add-subgids 100000-165535 {user})")
+    return done
+
+
+def _setup_v2(user: str, uid: int) -> list[str]:
+    """cgroup v2 under systemd: sandbox asks the user's systemd manager for a delegated
+    scope, so all it needs is memory, pids and cpu delegated to user@UID.service (Debian 12
+    and Ubuntu 24.04 do so already; older systemd delegates only memory and pids)."""
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    if shutil.which("systemctl") is None:
+        return [f"cgroup v2 without systemd: give {user} a cgroup of its own (chown -R) and "
+                "name it with SANDBOX_CGROUP"]
+    unit = f"user@{uid}.service"
+    shown = subprocess.run(["systemctl", "show", "--value", "-p", "DelegateControllers", unit],
+                           capture_output=True, text=True, check=False).stdout.split()
+    done: list[str] = []
+    if all(c in shown for c in V2_CONTROLLERS):
+        done.append(f"cgroup v2: {unit} already delegates {' '.join(V2_CONTROLLERS)}; "
+                    f"sandbox asks {user}'s systemd user manager for a delegated scope")
+    else:
+        V2_DROPIN.parent.mkdir(parents=True, exist_ok=True)
+        V2_DROPIN.write_text("[Service]\nDelegate=cpu cpuset io memory pids\n")
+        subprocess.run(["systemctl", "daemon-reload"], check=False)
+        done.append(f"cgroup v2: wrote {V2_DROPIN} (systemd delegates cpu, memory and pids to "
+                    f"every user's manager) and reloaded systemd; it applies from {user}'s "
+                    f"next login (or `systemctl restart {unit}`)")
+    lingering = Path(f"/var/lib/systemd/linger/{user}").exists()
+    if not lingering and not Path(f"/run/user/{uid}/systemd/private").exists():
+        done.append(f"note: {user} has no systemd user manager running (not logged in); "
+                    "sandbox needs one: log in, or `loginctl enable-linger "
+                    f"{user}` to keep one running")
     return done

@@ -10,12 +10,23 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 USER_NAME="$(id -un)"
 
+# What the tool needs (libseccomp2, uidmap, mmdebstrap, busybox-static...) and what the tests
+# start for real (bwrap, a registry, skopeo, podman). scripts/vm/build-image.sh reads this line.
+APT_PACKAGES="python3 python3-venv libseccomp2 uidmap mmdebstrap busybox-static ca-certificates debian-archive-keyring gcc libc6-dev util-linux iproute2 bubblewrap docker-registry skopeo podman runc umoci apache2-utils"
+
 echo "==> apt packages"
-$SUDO apt-get update -qq
-$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-  python3 python3-venv libseccomp2 uidmap mmdebstrap busybox-static ca-certificates \
-  debian-archive-keyring gcc libc6-dev util-linux iproute2 \
-  bubblewrap docker-registry skopeo podman runc umoci apache2-utils >/dev/null
+missing=""
+for p in $APT_PACKAGES; do
+  dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q ' installed$' || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  $SUDO apt-get update -qq
+  # shellcheck disable=SC2086
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    $missing >/dev/null
+else
+  echo "    all installed"
+fi
 
 echo "==> virtual environment in .venv"
 # Debian's python3 (not a per-user build under /root or ~): the unprivileged test user and
@@ -52,8 +63,14 @@ fi
 echo "==> checking the host"
 .venv/bin/sandbox doctor
 
-echo "==> the py3 image (Debian bookworm + python3, built rootless with mmdebstrap)"
-.venv/bin/sandbox image build py3
+if [ -n "${SANDBOX_IMAGES_FROM:-}" ]; then
+  # A machine without network: images saved elsewhere (`sandbox image save py3 -o py3.tar`).
+  echo "==> images from $SANDBOX_IMAGES_FROM"
+  for archive in "$SANDBOX_IMAGES_FROM"/*.tar; do .venv/bin/sandbox image load -i "$archive"; done
+else
+  echo "==> the py3 image (Debian bookworm + python3, built rootless with mmdebstrap)"
+  .venv/bin/sandbox image build py3
+fi
 
 echo "==> a sandboxed hello"
 .venv/bin/sandbox exec --image py3 examples/hello.py

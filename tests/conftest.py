@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from sandbox import cgroups
 from sandbox.cgroups import v1
 from sandbox.client import Client
+from tests import cgroupfs
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -143,21 +143,48 @@ def _ensure_subids(user: str) -> None:
 
 def _v1_subtrees(user: str) -> list[Path]:
     """``sandbox system setup --user USER``'s cgroup v1 directories, one per controller."""
-    found = cgroups.mounted_hierarchies()
+    found = cgroupfs.HIERARCHIES
     return [found[c] / v1.SUBTREE / user for c in v1.CONTROLLERS if c in found]
+
+
+def _user_manager(pw: pwd.struct_passwd) -> Iterator[None]:
+    """On a pure cgroup v2 host run by systemd, sandbox asks the user's systemd manager for
+    a delegated scope; a user with no session has none, so `loginctl enable-linger` keeps
+    one running for the tests (and disable-linger stops it again, if we enabled it)."""
+    if not (cgroupfs.V2 and cgroupfs.SYSTEMD):
+        yield
+        return
+    lingering = Path(f"/var/lib/systemd/linger/{pw.pw_name}").exists()
+    if not lingering:
+        subprocess.run(["loginctl", "enable-linger", pw.pw_name], check=True)
+    private = Path(f"/run/user/{pw.pw_uid}/systemd/private")
+    assert cgroupfs.wait_until(private.exists, 60), f"no user manager for {pw.pw_name}"
+    yield
+    if not lingering:
+        subprocess.run(["loginctl", "disable-linger", pw.pw_name], check=True)
+
+
+def root_only(why: str) -> None:
+    """Skip, saying why, when the suite runs as an unprivileged user (as in the pure
+    cgroup v2 guest's login session, where its own runs are the rootless ones)."""
+    if os.geteuid() != 0:
+        pytest.skip(f"the tests run unprivileged (their own runs are the rootless ones), "
+                    f"and {why}")
 
 
 @pytest.fixture(scope="session")
 def user_runner() -> Iterator[Runner]:
     """The CLI as an unprivileged user created for the tests (rootless for real). The
     user's cgroup subtree goes again at the end of the session if the session made it."""
-    need(os.geteuid() == 0, "creating the unprivileged test user needs root")
+    root_only("creating another user takes root")
     need(shutil.which("runuser") is not None, "runuser is missing")
     pw = _create_test_user()
     _ensure_subids(TEST_USER)
-    made = [p for p in _v1_subtrees(TEST_USER) if not p.exists()]
+    made = [p for p in _v1_subtrees(TEST_USER) if not p.exists()] if cgroupfs.V1 else []
     subprocess.run([SANDBOX, "system", "setup", "--user", TEST_USER], check=True,
                    capture_output=True)
+    manager = _user_manager(pw)
+    next(manager)
     home = Path(pw.pw_dir)
     env = {"HOME": str(home), "USER": TEST_USER, "LOGNAME": TEST_USER,
            "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8",
@@ -167,6 +194,7 @@ def user_runner() -> Iterator[Runner]:
     runner = Runner(TEST_USER, home, env=env)
     _ensure_image(runner, "busybox")
     yield runner
+    next(manager, None)
     for path in made:  # empty by now: every job's cgroup below it was removed
         with contextlib.suppress(FileNotFoundError):
             path.rmdir()
@@ -308,17 +336,6 @@ def _subreaper() -> None:
     linux.prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
 
 
-def _stale_cgroups() -> list[str]:
-    """Job cgroups (``<supervisor pid>-<n>``) whose supervisor is gone: a leak."""
-    found = []
-    for controller in ("memory", "pids", "cpuacct"):
-        for path in Path(f"/sys/fs/cgroup/{controller}/sandbox").glob("*/*-*"):
-            pid = path.name.split("-")[0]
-            if path.is_dir() and pid.isdigit() and not Path(f"/proc/{pid}").exists():
-                found.append(str(path))
-    return found
-
-
 def _sandbox_mounts() -> list[str]:
     lines = Path("/proc/self/mountinfo").read_text().splitlines()
     return [line for line in lines if " - overlay " in line or "/sandbox-" in line.split()[4]]
@@ -357,7 +374,7 @@ def no_leaks() -> Iterator[None]:
     import time
 
     for _ in range(50):  # cleanup of the last job may still be finishing
-        leaked = (_stale_cgroups(), _sandbox_mounts(), sorted(set(_children()) - before))
+        leaked = (cgroupfs.stale_cgroups(), _sandbox_mounts(), sorted(set(_children()) - before))
         if not any(leaked):
             return
         time.sleep(0.1)

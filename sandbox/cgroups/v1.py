@@ -67,6 +67,9 @@ class V1Cgroup:
                 return int(value) > 0
         return False
 
+    def sample(self) -> None:
+        """Nothing to sample: the kernel keeps the peak (memory.max_usage_in_bytes)."""
+
     def stats(self) -> Stats:
         mem = self.dirs["memory"]
         peak_file = ("memory.memsw.max_usage_in_bytes" if self.swap_accounted
@@ -137,6 +140,10 @@ class V1Manager:
                     if _read_int(path / "memory.use_hierarchy") != 1:
                         _write(path / "memory.use_hierarchy", "1")
         return cls(roots, base, on_demand=on_demand)
+
+    def adopt(self, pid: int) -> None:
+        """Nothing to do: on v1 a process whose uid owns the job's cgroup may join it from
+        anywhere."""
 
     def describe(self) -> str:
         return f"cgroup v1 ({', '.join(f'{c}:{r / self.base}' for c, r in self.roots.items())})"

@@ -58,7 +58,7 @@ class Supervisor:
                  max_running: int | None = None, fair: bool = False,
                  on_progress: ProgressCallback | None = None) -> None:
         self.store = store or Store()
-        self.spawner = Spawner()
+        self.spawner = Spawner(on_start=lambda pid: self.cgroups.adopt(pid))
         self.max_running = max_running or os.cpu_count() or 1
         self.admission = Admission(self.max_running, fair=fair)
         self.pool = Pool(self, pool_size)
@@ -93,7 +93,11 @@ class Supervisor:
         mnt = config.runtime_dir() / "mnt"
         mnt.mkdir(exist_ok=True)
         self._mount_point = str(mnt)
-        self.spawner.start()
+        try:
+            self.spawner.start()  # and placed where its inits can join job cgroups (adopt)
+        except BaseException:
+            self._cgroups.release()
+            raise
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
@@ -216,6 +220,9 @@ class Supervisor:
         idmap = self.idmap_for(shape.upper_dir)
         layers = layer_ids(shape.lower)
         name = f"{os.getpid()}-{next(self._ids):x}"
+        # A spawner that died is replaced before the cgroup is made: on cgroup v2 its
+        # successor may get a new systemd scope, and job cgroups go where it is.
+        self.spawner.ensure_running()
         # The lease may wait for a prune, and creating a cgroup can take milliseconds in the
         # kernel: both on a worker thread, never on the event loop.
         lease, cgroup, procs = await trio.to_thread.run_sync(self._lease_and_cgroup,

@@ -113,6 +113,7 @@ async def _watchdog(cgroup: JobCgroup, state: _State, init: InitHandle) -> None:
         # Sleep until the job could have used what is left, on every CPU at once.
         await trio.sleep(min(max((limit - used) / _NCPU, 0.002), 0.1))
         used = cgroup.cpu_time() - state.init_cpu
+        cgroup.sample()
         if used > limit:
             state.fire(Status.TIME_LIMIT, init)
             return

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import trio
@@ -147,16 +148,19 @@ def _setup_error(msg: dict[str, Any] | None) -> SandboxError:
 class Spawner:
     """One ``sandbox._spawner`` process and the socket to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_start: Callable[[int], None] | None = None) -> None:
+        self._on_start = on_start  # given the new spawner's pid (cgroups: `Manager.adopt`)
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: trio.socket.SocketType | None = None
         self._lock = trio.Lock()
         self._next_id = 0
         self._known_plans: set[str] = set()
+        self._started = False
 
     def start(self) -> None:
         """Start the spawner (synchronously, from the calling thread: call it from the
         main thread)."""
+        self._started = True
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         code = ("import sys; sys.path.insert(0, sys.argv[1]); "
                 "from sandbox._spawner import main; main(int(sys.argv[2]))")
@@ -171,6 +175,15 @@ class Spawner:
                 pass_fds=(theirs.fileno(),), env=env, close_fds=True)
         finally:
             theirs.close()
+        if self._on_start is not None:
+            try:
+                self._on_start(self._proc.pid)
+            except BaseException:
+                ours.close()
+                self._proc.kill()
+                self._proc.wait()
+                self._proc = None
+                raise
         self._sock = trio.socket.from_stdlib_socket(ours)
 
     async def spawn(self, plan_id: str, prepare: list[dict[str, Any]], flags: int,
@@ -178,11 +191,9 @@ class Spawner:
         """Clone a new sandbox init that runs ``prepare`` (encoded ops, known to the spawner
         by ``plan_id`` after the first time) and inherits ``fds``; returns once it is cloned
         (`InitHandle.wait_ready` waits for the set-up)."""
-        if self._sock is None:
-            raise SandboxError("spawner is not running")
         async with self._lock:
-            if self._proc is not None and self._proc.poll() is not None:
-                self._restart()  # it died (killed): its sandboxes died with it
+            self.ensure_running()
+            assert self._sock is not None
             self._next_id += 1
             request: dict[str, Any] = {"id": self._next_id, "op": "spawn", "flags": flags,
                                        "plan_id": plan_id, "idmap": idmap}
@@ -208,16 +219,22 @@ class Spawner:
         pidfd, sock_fd = fds
         return InitHandle(int(reply["pid"]), pidfd, socket.socket(fileno=sock_fd))
 
-    def _restart(self) -> None:
-        """Start a new spawner in place of a dead one (a daemon outlives its spawner; it
-        runs on the main thread, as `start` must)."""
-        assert self._sock is not None
-        self._sock.close()
+    def ensure_running(self) -> None:
+        """Start a new spawner in place of a dead one (a daemon outlives its spawner: it was
+        killed, and its sandboxes died with it). Call it from the main thread, as `start`."""
+        if not self._started:
+            raise SandboxError("spawner is not running")
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         self._proc = None
         self._known_plans.clear()  # the new spawner has seen no plan yet
         self.start()
 
     def close(self) -> None:
+        self._started = False
         if self._sock is not None:
             self._sock.close()
             self._sock = None

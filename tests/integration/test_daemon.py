@@ -21,6 +21,7 @@ from sandbox import framing
 from sandbox.client import AsyncClient, Client
 from sandbox.errors import DaemonError, SandboxError
 from sandbox.spec import JobSpec, Limits
+from tests import cgroupfs
 from tests.conftest import SANDBOX, TEST_USER, Daemon, Runner, start_daemon
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -64,6 +65,7 @@ def test_cli_uses_the_daemon(daemon: Daemon, shared_tmp: Path) -> None:
         assert len(proc.stderr.splitlines()) == 1 and b"Traceback" not in proc.stderr
 
 
+@pytest.mark.cgroups
 def test_client_run_with_limits(daemon: Daemon) -> None:
     with daemon.client() as client:
         assert not client.embedded
@@ -83,6 +85,7 @@ def test_bad_spec_is_an_error_for_that_job_only(daemon: Daemon) -> None:
         assert client.run(spec("true")).status.value == "ok"
 
 
+@pytest.mark.cgroups
 def test_concurrent_clients(daemon: Daemon) -> None:
     results: dict[int, bytes] = {}
 
@@ -384,6 +387,7 @@ def _wait_warm(client: Client) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.cgroups
 def test_warm_pool_gives_each_job_a_fresh_sandbox(daemon: Daemon) -> None:
     with daemon.client() as client:
         _wait_warm(client)
@@ -418,6 +422,7 @@ def test_sigterm_kills_and_reports_running_jobs(tmp_path: Path, root_runner: Run
     assert not d.path.exists()
 
 
+@pytest.mark.cgroups
 def test_sigkill_leaves_no_job_and_restart_cleans_up(tmp_path: Path,
                                                      root_runner: Runner) -> None:
     d = start_daemon(tmp_path, "--pool", "2", "--warm", "busybox")
@@ -432,7 +437,7 @@ def test_sigkill_leaves_no_job_and_restart_cleans_up(tmp_path: Path,
     d.stop(signal.SIGKILL)
     s.close()
     _wait_gone(marker)  # no job outlives its daemon
-    stale = [p for p in Path("/sys/fs/cgroup/memory/sandbox").glob(f"*/{pid}-*")]
+    stale = cgroupfs.job_cgroups(root_runner.name, pid)
     d2 = start_daemon(tmp_path, "--pool", "0")  # a stale socket is replaced
     try:
         with d2.client() as client:
@@ -460,6 +465,7 @@ def test_other_users_are_refused(shared_tmp: Path, root_runner: Runner,
     assert "refused" in daemon.log.read_text()
 
 
+@pytest.mark.cgroups
 def test_daemon_as_unprivileged_user(shared_tmp: Path, user_runner: Runner) -> None:
     os.chmod(shared_tmp, 0o777)
     d = start_daemon(shared_tmp, "--pool", "1", user=TEST_USER, env=user_runner.env)

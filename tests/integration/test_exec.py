@@ -21,6 +21,7 @@ RESULT_KEYS = {"status", "exit_code", "signal", "cpu_time", "wall_time", "memory
                "stderr"}
 
 
+@pytest.mark.cgroups
 def test_ok_and_json_shape(runner: Runner) -> None:
     r = runner.sh("echo hello; echo err >&2")
     assert set(r) >= RESULT_KEYS
@@ -58,6 +59,7 @@ def test_abort_is_sigabrt_not_swallowed(py3: Runner) -> None:
     assert (r["status"], r["signal"]) == ("signaled", signal.SIGABRT)
 
 
+@pytest.mark.cgroups
 def test_cpu_time_limit_covers_all_processes(runner: Runner) -> None:
     # two busy processes: the limit is on the whole job, not per process
     r = runner.sh("(while :; do :; done) & while :; do :; done", "--time", "1",
@@ -74,19 +76,21 @@ def test_wall_time_limit(runner: Runner) -> None:
     assert 0.4 < r["wall_time"] < 3
 
 
+@pytest.mark.cgroups
 def test_memory_limit(py3: Runner) -> None:
     r = py3.exec("--memory", "64M", "python3", "-c", "x = bytearray(200 << 20)", image="py3")
     assert (r["status"], r["signal"], r["cli_exit"]) == ("memory_limit", 9, 137)
     assert r["memory"] <= 64 << 20
 
 
+@pytest.mark.cgroups
 def test_memory_limit_spread_over_processes(runner: Runner) -> None:
     # four processes that each hold 40 MB (under the limit alone) while all of them sleep:
     # only the whole-job limit of 100 MB catches them. (tail -c used to free its buffer
     # before the others had filled theirs, which made this test flaky.)
     script = ("for i in 1 2 3 4; do "
               "(x=$(head -c 40000000 /dev/zero | tr '\\0' a); sleep 5) & done; wait")
-    r = runner.sh(script, "--memory", "100M")
+    r = runner.sh(script, "--memory", "100M", "--time", "60")  # (room for slow emulators)
     # the OOM killer hit one process; the whole job is then killed, with one verdict
     assert (r["status"], r["signal"], r["cli_exit"]) == ("memory_limit", 9, 137)
 
@@ -119,6 +123,7 @@ print(n)
 """
 
 
+@pytest.mark.cgroups
 def test_pids_limit(runner_py3: Runner) -> None:
     r = runner_py3.exec("--pids", "8", "python3", "-c", PIDS_PROBE, image="py3")
     assert r["stdout"].strip() == "7", r  # python itself and 7 children: 8 tasks
@@ -216,12 +221,14 @@ def test_cpu_accounting_matches_bare_run(py3: Runner) -> None:
     assert abs(inside - bare) <= 0.10 * bare + 0.020, (inside, bare)
 
 
+@pytest.mark.cgroups
 def test_memory_accounting_is_close_to_allocation(py3: Runner) -> None:
     r = py3.exec("python3", "-c", "x = bytearray(100 << 20)", image="py3")
     assert r["status"] == "ok"
     assert 100 << 20 <= r["memory"] <= (100 << 20) + (30 << 20), r["memory"]
 
 
+@pytest.mark.cgroups
 def test_killed_supervisor_kills_the_job(root_runner: Runner) -> None:
     """SIGKILL the CLI (which embeds the supervisor): the job must die with it, and the next
     run removes the cgroup it left behind."""

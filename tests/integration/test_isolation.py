@@ -160,6 +160,7 @@ def test_nothing_survives_into_the_next_job(runner: Runner) -> None:
     assert "left" not in r["stdout"]
 
 
+@pytest.mark.cgroups
 def test_fresh_proc_and_hostname(runner: Runner) -> None:
     r = runner.sh("hostname; cat /proc/sys/kernel/hostname; cat /proc/self/cgroup")
     lines = r["stdout"].splitlines()

@@ -30,9 +30,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, SANDBOX, TEST_USER, Runner, exec_result, need
+from tests.conftest import REPO, SANDBOX, TEST_USER, Runner, exec_result, need, root_only
 
 VIAS = ["exec", "daemon"]
+
+
+@pytest.fixture(autouse=True)
+def _root_test_process() -> None:
+    root_only("the host-side checks read /etc/shadow and every process's environment")
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,7 @@ from sandbox.protocol import (
     StdinData,
 )
 from sandbox.spec import JobSpec, Limits
+from tests import cgroupfs
 from tests.security.soak import JOBS, WALL_KILL_EVERY, _mounts, _temp_entries
 
 
@@ -45,8 +46,7 @@ class Watched:
     def __init__(self, pid: int, socket: Path) -> None:
         self.pid = pid
         self.socket = socket
-        manager = cgroups.detect()
-        self.cgroup_base = Path("/sys/fs/cgroup/memory") / manager.base
+        self.user = cgroups.user_name()
 
     def rss(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -66,7 +66,7 @@ class Watched:
         return sorted(out)
 
     def cgroups(self) -> list[str]:
-        return sorted(p.name for p in self.cgroup_base.glob(f"{self.pid}-*"))
+        return [p.name for p in cgroupfs.job_cgroups(self.user, self.pid)]
 
     def descendants(self) -> int:
         children: dict[int, list[int]] = collections.defaultdict(list)

@@ -16,6 +16,7 @@ import trio
 from sandbox import cgroups, config
 from sandbox.spec import JobSpec, Limits
 from sandbox.supervisor.core import Supervisor
+from tests import cgroupfs
 from tests.conftest import _children
 
 # (shell script, expected status): ok, a failure, output on both streams, a background
@@ -68,13 +69,10 @@ async def soak(n: int) -> dict[str, Any]:
                 wrong.append(f"{i}: {script!r} -> {result.status.value} {result.message}")
             if i == 19:  # warmed up: imports, caches, the spawner
                 report.update(fds_warm=_fds(), rss_warm=_rss())
-        manager = cgroups.detect()
-        base = Path("/sys/fs/cgroup/memory") / manager.base
         report.update(
             fds_end=_fds(), rss_end=_rss(), statuses=dict(statuses), wrong=wrong[:10],
             children=[c for c in _children() if c.split()[0] != str(spawner)],
-            cgroups=sorted(p.name for p in base.glob(f"{os.getpid()}-*")) if base.is_dir()
-            else [],
+            cgroups=[p.name for p in cgroupfs.job_cgroups(cgroups.user_name(), os.getpid())],
             temp=_temp_entries(sup.store.root), mounts=_mounts())
     return report
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import cgroupfs
 from tests.conftest import REPO, Runner
 from tests.security.conftest import Hostile, processes_with
 
@@ -67,8 +68,9 @@ def spawners(pid: int) -> list[int]:
 
 
 def _job_cgroups(user: str, supervisor: int) -> list[Path]:
-    base = Path("/sys/fs/cgroup/memory/sandbox") / user
-    return sorted(base.glob(f"{supervisor}-*")) if base.is_dir() else []
+    """The supervisor's job cgroups; on cgroup v2 also the systemd scope(s) of its
+    spawner, which systemd removes once the last process in them is gone."""
+    return [*cgroupfs.job_cgroups(user, supervisor), *cgroupfs.supervisor_scopes(supervisor)]
 
 
 def _start(hostile: Hostile, script: str, *opts: str) -> subprocess.Popen[bytes]:
@@ -104,6 +106,7 @@ def _reap(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
             proc.communicate()
 
 
+@pytest.mark.cgroups
 @EMBEDDED
 def test_sigkill_of_the_cli_mid_job(hostile: Hostile) -> None:
     proc = _start(hostile, "(sleep 1000 &); trap '' TERM HUP; sleep 1000", "--wall-time", "60")
@@ -114,12 +117,15 @@ def test_sigkill_of_the_cli_mid_job(hostile: Hostile) -> None:
     finally:
         _reap(proc)
     assert not _wait_gone(hostile.token), "a job survived its supervisor"
-    # the next start removes the cgroups the killed supervisor left
+    # the next start removes the cgroups the killed supervisor left (on cgroup v2, systemd
+    # removes its spawner's scope with them once the last process in it is gone)
     r = hostile.exec("true")
     assert r["status"] == "ok", r
-    assert not _job_cgroups(hostile.user, cli)
+    assert cgroupfs.wait_until(lambda: not _job_cgroups(hostile.user, cli)), \
+        _job_cgroups(hostile.user, cli)
 
 
+@pytest.mark.cgroups
 @EMBEDDED
 def test_sigkill_of_the_spawner_mid_job(hostile: Hostile) -> None:
     proc = _start(hostile, "sleep 1000", "--wall-time", "60")
@@ -133,7 +139,8 @@ def test_sigkill_of_the_spawner_mid_job(hostile: Hostile) -> None:
     assert not _wait_gone(hostile.token), "a job survived its spawner"
     assert proc.returncode == 125, (out, err)
     assert len(err.decode().strip().splitlines()) == 1 and b"Traceback" not in err, err
-    assert not _job_cgroups(hostile.user, cli)
+    assert cgroupfs.wait_until(lambda: not _job_cgroups(hostile.user, cli)), \
+        _job_cgroups(hostile.user, cli)
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["passthrough", "json"])
@@ -170,6 +177,7 @@ def test_a_stalled_reader_does_not_stop_the_time_limits(hostile: Hostile) -> Non
     assert len(out) <= 4000000
 
 
+@pytest.mark.cgroups
 def test_cgroup_that_cannot_be_created(user_runner: Runner, no_leaks: None) -> None:
     """As the unprivileged user, SANDBOX_CGROUP names a subtree it cannot write."""
     for where in ("sandbox/root", "sandbox/no-such-subtree"):

@@ -34,6 +34,7 @@ def not_ok(values: dict[str, str], *, allow: tuple[str, ...] = ()) -> dict[str, 
 # ------------------------------------------------------------------ resource bombs
 
 
+@pytest.mark.cgroups
 def test_fork_bomb_is_contained(hostile: Hostile) -> None:
     r = hostile.run("forkbomb", opts=("--pids", "32", "--wall-time", "2"))
     assert r["status"] == "time_limit", r
@@ -46,12 +47,14 @@ def test_shell_fork_bomb_that_exits_leaves_nothing(hostile: Hostile) -> None:
     assert r["status"] in ("ok", "time_limit"), r
 
 
+@pytest.mark.cgroups
 def test_memory_bomb_over_many_processes(hostile: Hostile) -> None:
     r = hostile.run("membomb", "16", "16", opts=("--memory", "64M", "--wall-time", "20"))
     assert r["status"] == "memory_limit", r
     assert r["memory"] <= 64 << 20
 
 
+@pytest.mark.cgroups
 def test_cpu_burners_over_many_processes(hostile: Hostile) -> None:
     r = hostile.run("cpuburn", "8", opts=("--time", "1", "--wall-time", "30"))
     assert r["status"] == "time_limit", r
