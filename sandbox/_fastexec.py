@@ -19,6 +19,7 @@ import sys
 
 from . import __version__, framing, runtime, verdict
 from .errors import SpecError
+from .hostfiles import job_program
 from .units import parse_seconds, parse_size
 
 PROTOCOL_VERSION = 1  # = protocol.PROTOCOL_VERSION (tests/unit/test_fastexec.py checks)
@@ -30,6 +31,8 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "--memory": ("memory", "size"), "--pids": ("pids", "int"), "--output": ("output", "size"),
     "--disk": ("disk", "size"), "--stdin": ("stdin", "str"), "--env": ("env", "many"),
     "--file": ("file", "many"), "--json": ("json", "flag"),
+    "-w": ("workdir", "str"), "--workdir": ("workdir", "str"),
+    "-u": ("user", "str"), "--user": ("user", "str"), "--read-only": ("read_only", "flag"),
 }
 _PARSE: dict[str, Callable[[str], Any]] = {"str": str, "seconds": parse_seconds,
                                            "size": parse_size, "int": int}
@@ -78,28 +81,11 @@ def parse(argv: list[str]) -> dict[str, Any] | None:
     return opts
 
 
-def _file(path: str) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        data = f.read()
-    return {"name": os.path.basename(path), "data": data,
-            "mode": 0o755 if os.access(path, os.X_OK) else 0o644}
-
-
 def spec_dict(opts: dict[str, Any]) -> dict[str, Any] | None:
     """The JobSpec in wire form (the daemon validates it), or None on a host-side problem
     the full CLI reports."""
-    argv = list(opts["argv"])
-    files = []
-    entrypoint = False
     try:
-        if os.path.isfile(argv[0]):
-            files.append(_file(argv[0]))
-            argv[0] = files[0]["name"]
-            entrypoint = True
-        for extra in opts["file"]:
-            if not os.path.isfile(extra):
-                return None
-            files.append(_file(extra))
+        given = job_program(opts["argv"][0], opts["argv"][1:], opts["file"])
         stdin = None
         if opts.get("stdin") is not None:
             if opts["stdin"] == "-":
@@ -107,13 +93,14 @@ def spec_dict(opts: dict[str, Any]) -> dict[str, Any] | None:
             else:
                 with open(opts["stdin"], "rb") as f:
                     stdin = f.read()
-    except OSError:
+    except (OSError, SpecError):
         return None
     limits = {k: opts[k] for k in ("time", "wall_time", "memory", "pids", "output", "disk")
               if k in opts}
-    return {"image": opts["image"], "argv": argv, "files": files, "stdin": stdin,
+    return {"image": opts["image"], **given, "stdin": stdin,
             "env": dict(e.split("=", 1) for e in opts["env"]), "limits": limits,
-            "profile": opts["profile"], "entrypoint": entrypoint}
+            "profile": opts["profile"], "workdir": opts.get("workdir"),
+            "user": opts.get("user"), "read_only": opts.get("read_only", False)}
 
 
 class _Daemon:

@@ -9,7 +9,6 @@ never a traceback.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -107,40 +106,48 @@ def cli() -> None:
 @click.option("--env", "env_items", multiple=True, metavar="K=V", help="Set a variable.")
 @click.option("--file", "extra_files", multiple=True, metavar="PATH",
               help="Also copy PATH into the work dir (repeatable).")
+@click.option("-w", "--workdir", metavar="DIR",
+              help="The work dir: the job's cwd, where files land (default: the image's "
+                   "WORKDIR, else /work).")
+@click.option("-u", "--user", metavar="USER[:GROUP]",
+              help="Run as this user of the image (name or uid; default: the image's USER, "
+                   "else uid 1000; never root).")
+@click.option("--read-only", is_flag=True,
+              help="A read-only root (the work dir, /tmp and /dev/shm stay writable).")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON result object.")
 @click.argument("program")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def exec_cmd(image: str, profile: str, time_: float | None, wall_time: float | None,
              memory: int | None, pids: int | None, output: int | None, disk: int | None,
              stdin_path: str | None, env_items: tuple[str, ...], extra_files: tuple[str, ...],
+             workdir: str | None, user: str | None, read_only: bool,
              as_json: bool, program: str, args: tuple[str, ...]) -> None:
     """Run PROGRAM in a fresh sandbox.
 
-    If PROGRAM names a file on this machine it is copied into the sandbox's work dir and run
-    through the image's entry point (in py3: python3 PROGRAM ARGS...); otherwise it is a
-    command looked up inside the image.
+    PROGRAM is, in this order: an absolute path that exists in the image (the image's own
+    program); a file on this machine (an absolute path the image lacks, a relative path,
+    a name in the current directory), copied into the work dir and run as a script (an
+    ELF binary or a #! script directly, any other file through the image's script runner:
+    in py3, python3 PROGRAM ARGS...); otherwise a command looked up in the image.
     """
+    from .hostfiles import job_program  # noqa: PLC0415
     from .spec import File, JobSpec, Limits, parse_env  # noqa: PLC0415
 
-    files: list[File] = []
-    entrypoint = False
-    argv = [program, *args]
-    if os.path.isfile(program):
-        files.append(_host_file(program))
-        entrypoint = True
-        argv = [files[0].name, *args]
-    for extra in extra_files:
-        if not os.path.isfile(extra):
-            fail(f"--file {extra}: no such file")
-        files.append(_host_file(extra))
+    try:
+        given = job_program(program, list(args), list(extra_files))
+    except SandboxError as e:
+        fail(str(e))
+    files = [File(**f) for f in given["files"]]
     stdin: bytes | None = None
     if stdin_path is not None:
         try:
             stdin = sys.stdin.buffer.read() if stdin_path == "-" else Path(stdin_path).read_bytes()
         except OSError as e:
             fail(f"--stdin {stdin_path}: {e.strerror}")
-    spec = JobSpec(image=image, argv=tuple(argv), files=tuple(files), stdin=stdin,
-                   env=parse_env(env_items), profile=profile, entrypoint=entrypoint,
+    spec = JobSpec(image=image, argv=tuple(given["argv"]), files=tuple(files), stdin=stdin,
+                   env=parse_env(env_items), profile=profile, entrypoint=given["entrypoint"],
+                   host_path=given["host_path"], workdir=workdir, user=user,
+                   read_only=read_only,
                    limits=Limits(time=time_, wall_time=wall_time, memory=memory, pids=pids,
                                  output=output, disk=disk))
     from .client import run_job  # noqa: PLC0415
@@ -164,18 +171,6 @@ def exec_cmd(image: str, profile: str, time_: float | None, wall_time: float | N
     except OSError as e:
         fail(f"cannot write the result: {e.strerror}")
     sys.exit(result.cli_exit_code)
-
-
-def _host_file(path: str) -> Any:
-    from .spec import File  # noqa: PLC0415
-
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-        executable = os.access(p, os.X_OK)
-    except OSError as e:
-        fail(f"{path}: {e.strerror}")
-    return File(name=p.name, data=data, mode=0o755 if executable else 0o644)
 
 
 def _passthrough(stream: str, chunk: bytes) -> None:

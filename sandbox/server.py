@@ -385,7 +385,8 @@ class Daemon:
             ref, _, profile_name = item.partition("@")
             profile = load_profile(profile_name or "default")
             image = await self.supervisor.image(ref)
-            self.supervisor.pool.warm(self.supervisor.shape(image, profile, profile.limits))
+            self.supervisor.pool.warm(self.supervisor.job_shape(image, profile,
+                                                                profile.limits)[1])
 
     async def _signals(self, signals: Any, nursery: trio.Nursery) -> None:
         async for signum in signals:

@@ -138,8 +138,15 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
 class JobSpec:
     """One job: run ``argv`` in ``image`` under ``profile`` with ``limits``.
 
-    With ``entrypoint=True`` the image's entry point is put in front of ``argv`` (this is
-    how ``sandbox exec script.py`` becomes ``python3 script.py`` in ``py3``).
+    ``argv`` is a command looked up in the image (empty: the image's ENTRYPOINT + CMD).
+    With ``entrypoint=True``, ``argv[0]`` names one of ``files``, a script copied in: it
+    runs directly when it is an ELF binary or starts with ``#!``, else through the image's
+    script runner (label ``sandbox.script-runner``, else its ENTRYPOINT; this is how
+    ``sandbox exec script.py`` becomes ``python3 script.py`` in ``py3``). ``host_path``:
+    the absolute path PROGRAM was given as on the caller's machine; the image's own file
+    of that path wins over the copy (see `sandbox.supervisor.program`). ``workdir`` and
+    ``user`` override the image's WORKDIR and USER; ``read_only`` makes the root
+    read-only (it is a throw-away writable layer otherwise, bounded by the disk limit).
     """
 
     image: str
@@ -150,6 +157,10 @@ class JobSpec:
     limits: Limits = field(default_factory=Limits)
     profile: str = "default"
     entrypoint: bool = False
+    host_path: str = ""
+    workdir: str | None = None
+    user: str | None = None
+    read_only: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.argv, str):
@@ -173,8 +184,19 @@ class JobSpec:
             raise SpecError(f"invalid profile name {self.profile!r}")
         if self.stdin is not None and not isinstance(self.stdin, bytes):
             raise SpecError("stdin must be bytes")
-        if not isinstance(self.entrypoint, bool):
-            raise SpecError("entrypoint must be true or false")
+        if not isinstance(self.entrypoint, bool) or not isinstance(self.read_only, bool):
+            raise SpecError("entrypoint and read_only must be true or false")
+        if not isinstance(self.host_path, str) or "\0" in self.host_path:
+            raise SpecError("host_path must be a path")
+        if self.workdir is not None and (
+                not isinstance(self.workdir, str) or not self.workdir.startswith("/")
+                or ".." in self.workdir.split("/") or "\0" in self.workdir):
+            raise SpecError(f"invalid work dir {self.workdir!r}: must be an absolute path")
+        if self.user is not None and (not isinstance(self.user, str)
+                                      or not re.match(r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$",
+                                                      self.user)):
+            raise SpecError(f"invalid user {self.user!r}: expected NAME, UID, NAME:GROUP "
+                            "or UID:GID")
         if not all(isinstance(f, File) for f in self.files):
             raise SpecError("files must be File objects")
         names = [f.name for f in self.files]
@@ -196,6 +218,10 @@ class JobSpec:
             "limits": self.limits.to_dict(),
             "profile": self.profile,
             "entrypoint": self.entrypoint,
+            "host_path": self.host_path,
+            "workdir": self.workdir,
+            "user": self.user,
+            "read_only": self.read_only,
         }
 
     @classmethod
@@ -210,6 +236,10 @@ class JobSpec:
                 limits=Limits.from_dict(data.get("limits", {})),
                 profile=data.get("profile", "default"),
                 entrypoint=bool(data.get("entrypoint", False)),
+                host_path=data.get("host_path") or "",
+                workdir=data.get("workdir"),
+                user=data.get("user"),
+                read_only=bool(data.get("read_only", False)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SpecError(f"malformed job spec: {e}") from None

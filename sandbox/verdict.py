@@ -27,7 +27,10 @@ def cli_exit_code(result: dict[str, Any]) -> int:
 
 
 def summary(result: dict[str, Any]) -> str:
-    """One line for a person (printed when the status is not ``ok``)."""
+    """One line for a person (printed when the status is not ``ok``): what the program
+    could not do (``NAME: command not found``), else the verdict and the accounting."""
+    if result["status"] == "nonzero_exit" and result.get("message"):
+        return f"sandbox: {result['message']}"
     what = {
         "ok": "ok",
         "nonzero_exit": f"exited with code {result.get('exit_code')}",

@@ -6,8 +6,12 @@ compressed, with gzip, zstd or uncompressed layers.
 
 Names: the OCI ref annotation (``org.opencontainers.image.ref.name``) and the containerd
 one (``io.containerd.image.name``) carry a full reference, ``localhost/NAME:TAG`` for a
-local name, so that podman and skopeo keep it; loading strips ``localhost/`` again. An
-archive that names no image (only a tag, or nothing) needs ``tag``.
+local name, so that podman and skopeo keep it. Loading keeps the full name an archive
+gives (podman's ``localhost/app:1`` stays ``localhost/app:1``; `Store.find` finds it as
+``app:1`` too), except for an archive we wrote ourselves, whose own annotation
+(``sandbox.image.name``; a key of that name in a docker-archive's manifest.json) gives
+back the name it was saved under (``py3:latest``). An archive that names no image (only a
+tag, or nothing) needs ``tag``.
 
 An archive is untrusted input: member names are only ever looked up, never written to;
 blobs enter the store by their verified digest; JSON documents and blobs are bounded;
@@ -53,6 +57,7 @@ from .store import (
 
 FORMATS = ("oci", "docker")
 CONTAINERD_NAME = "io.containerd.image.name"
+OWN_NAME = "sandbox.image.name"  # the store name we saved an image under
 MAX_JSON = 4 << 20
 MAX_LAYERS = 1000
 MAX_IMAGES = 100
@@ -70,8 +75,9 @@ def full_reference(ref: str) -> str:
 
 
 def local_name(ref: str) -> str:
-    """The store's name for a full reference: ``localhost/py3:latest`` -> ``py3:latest``."""
-    return normalize_ref(ref.strip().removeprefix("localhost/"))
+    """The store's name for a name an archive gives: the name itself, normalised
+    (``localhost/app`` -> ``localhost/app:latest``)."""
+    return normalize_ref(ref.strip())
 
 
 # ---------------------------------------------------------------------------- save
@@ -127,7 +133,8 @@ def _save_oci(store: Store, image: Image, tar: tarfile.TarFile) -> None:
     index = {"schemaVersion": 2, "mediaType": MT_INDEX,
              "manifests": [{"mediaType": image.manifest_media_type,
                             "digest": image.manifest_digest, "size": image.manifest_size,
-                            "annotations": {REF_ANNOTATION: name, CONTAINERD_NAME: name}}]}
+                            "annotations": {REF_ANNOTATION: name, CONTAINERD_NAME: name,
+                                            OWN_NAME: image.ref}}]}
     _add_bytes(tar, "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
     _add_bytes(tar, "index.json", json.dumps(index, indent=2).encode())
     _add_dir(tar, "blobs/")
@@ -156,7 +163,8 @@ def _save_docker(store: Store, image: Image, tar: tarfile.TarFile) -> None:
             else:
                 _add_file(tar, path, store.blob_path(layer.digest))
         paths.append(path)
-    manifest = [{"Config": cfg_name, "RepoTags": [full_reference(image.ref)], "Layers": paths}]
+    manifest = [{"Config": cfg_name, "RepoTags": [full_reference(image.ref)], "Layers": paths,
+                 OWN_NAME: image.ref}]  # (docker, podman and skopeo ignore a key they lack)
     _add_bytes(tar, "manifest.json", json.dumps(manifest).encode())
 
 
@@ -369,7 +377,7 @@ def _oci_images(archive: _Archive) -> list[_Found]:
         if not isinstance(desc, dict):
             continue
         annotations = desc.get("annotations") or {}
-        names = [str(annotations.get(CONTAINERD_NAME) or "")]
+        names = [str(annotations.get(OWN_NAME) or annotations.get(CONTAINERD_NAME) or "")]
         ref_name = str(annotations.get(REF_ANNOTATION) or "")
         if not names[0] and (":" in ref_name or "/" in ref_name):
             names = [ref_name]
@@ -413,6 +421,8 @@ def _docker_images(archive: _Archive) -> list[_Found]:
             cfg_bytes, cfg_digest = archive.read_blob(str(entry["Config"]))
             paths = [str(p) for p in entry["Layers"]]
             names = tuple(str(t) for t in entry.get("RepoTags") or [])
+            if isinstance(entry.get(OWN_NAME), str):
+                names = (entry[OWN_NAME],)
         except (KeyError, TypeError) as e:
             raise ImageError(f"archive: malformed manifest.json entry ({e})") from None
         if len(paths) > MAX_LAYERS:

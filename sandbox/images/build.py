@@ -38,7 +38,8 @@ import trio
 from .. import config
 from ..errors import ImageError, SpecError
 from ..spec import JobSpec, Status
-from . import layers, recipe
+from . import layers, recipe, users
+from .ignore import Ignore
 from .recipe import Instruction, RecipeError
 from .store import Image, Layer, Store, normalize_ref
 
@@ -139,11 +140,19 @@ class _Cache:
         os.replace(tmp, self.dir / key)
 
 
-def _files_digest(paths: list[Path], root: Path) -> str:
+def _inputs(path: Path, context: Path, ignore: Ignore) -> list[Path]:
+    """``path`` and, for a directory, everything below it that the ignore file keeps."""
+    if not path.is_dir() or path.is_symlink():
+        return [path]
+    return [path, *(sub for sub in sorted(path.rglob("*"))
+                    if not ignore.ignored(str(sub.relative_to(context))))]
+
+
+def _files_digest(paths: list[Path], root: Path, ignore: Ignore) -> str:
     """Content hash of the inputs of a COPY/ADD (names, modes, contents, link targets)."""
     h = hashlib.sha256()
     for path in paths:
-        for sub in sorted([path, *path.rglob("*")]) if path.is_dir() else [path]:
+        for sub in _inputs(path, root, ignore):
             st = sub.lstat()
             h.update(f"{sub.relative_to(root)}\0{st.st_mode:o}\0".encode())
             if stat.S_ISLNK(st.st_mode):
@@ -161,6 +170,28 @@ def _context_path(context: Path, rel: str, ins: Instruction, path: str) -> Path:
     if not candidate.exists():
         raise RecipeError(path, ins.line, f"{rel!r} does not exist in the build context")
     return real
+
+
+def _sources(context: Path, words: list[str], ignore: Ignore, ins: Instruction,
+             path: str) -> list[Path]:
+    """COPY/ADD sources in the context: wildcards (``*``, ``?``, ``[...]``) expanded as
+    Docker does, what the ignore file leaves out treated as absent."""
+    out: list[Path] = []
+    for word in words:
+        if any(c in word for c in "*?["):
+            found = sorted(p for p in context.glob(word.lstrip("/"))
+                           if not ignore.ignored(str(p.relative_to(context))))
+            if not found:
+                raise RecipeError(path, ins.line, f"{word!r}: no file in the build context "
+                                  "matches")
+            out += [_context_path(context, str(p.relative_to(context)), ins, path)
+                    for p in found]
+            continue
+        if ignore.ignored(word):
+            raise RecipeError(path, ins.line, f"{word!r} is excluded by the build context's "
+                              "ignore file")
+        out.append(_context_path(context, word, ins, path))
+    return out
 
 
 def bootstrap_command(suite: str, flags: dict[str, str], out: str) -> list[str]:
@@ -219,6 +250,7 @@ async def build(sup: Supervisor, context: Path, ref: str, *, progress: Progress 
     (RUN steps get a loopback of their own) or ``host`` (they share the host's)."""
     if network not in NETWORKS:
         raise ImageError(f"--network {network}: expected one of {', '.join(NETWORKS)}")
+    normalize_ref(ref)  # a bad name fails now, not after the last step
     log = progress or (lambda _line: None)
     context = Path(await trio.Path(context).absolute())
     recipe_file = recipe_file or find_recipe_file(context)
@@ -343,44 +375,11 @@ def _user_ids(state: _State, ins: Instruction, path: str) -> tuple[int, int] | N
     user = str(state.runtime.get("User") or "")
     if not user:
         return None
-    name, _, group = user.partition(":")
-    if name in ("root", "0") and group in ("", "root", "0"):
-        return None
-    lower = state.image().lower_dirs()
-    passwd = _read_db(lower, "etc/passwd")
-    entry = passwd.get(name) or next((e for e in passwd.values() if e[0] == name), None)
-    if name.isdigit():
-        uid, gid = int(name), int(entry[1]) if entry else 0
-    elif name == "root":
-        uid, gid = 0, 0
-    elif entry:
-        uid, gid = int(entry[0]), int(entry[1])
-    else:
-        raise RecipeError(path, ins.line, f"USER {name}: no such user in the image's "
-                          "/etc/passwd")
-    if group:
-        if group.isdigit():
-            gid = int(group)
-        elif group in (groups := _read_db(lower, "etc/group")):
-            gid = int(groups[group][0])
-        else:
-            raise RecipeError(path, ins.line, f"USER {user}: no such group in the image's "
-                              "/etc/group")
+    try:
+        uid, gid = users.lookup(state.image().lower_dirs(), user)
+    except users.NoSuchUser as e:
+        raise RecipeError(path, ins.line, f"USER {user}: {e}") from None
     return None if (uid, gid) == (0, 0) else (uid, gid)
-
-
-def _read_db(lower: list[str], rel: str) -> dict[str, tuple[str, str]]:
-    """``name -> (id, gid-or-members)`` from the image's passwd or group file."""
-    found = layers.merged_lookup(lower, rel)
-    if found is None or not os.path.isfile(found) or os.path.islink(found):
-        return {}
-    out: dict[str, tuple[str, str]] = {}
-    with open(found, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            fields = line.rstrip("\n").split(":")
-            if len(fields) >= 4 and fields[2].isdigit():
-                out[fields[0]] = (fields[2], fields[3] if fields[3].isdigit() else fields[2])
-    return out
 
 
 def _resolv_conf_placeholder(lower: list[str]) -> bool | None:
@@ -472,28 +471,39 @@ async def _copy(state: _State, cache: _Cache, ins: Instruction, text: str, conte
                           "the build context)")
     workdir = state.runtime.get("WorkingDir") or "/"
     dest_abs = posixpath.normpath(posixpath.join(workdir, dest))
-    srcs = [_context_path(context, s, ins, path) for s in sources]
-    key = cache.key(ins.keyword, state.chain(), ins.source, dest_abs,
-                    await trio.to_thread.run_sync(_files_digest, srcs, context))
+    ignore = Ignore.of(context)
+    srcs = _sources(context, sources, ignore, ins, path)
+    # Docker's rules: into the directory when DEST ends with / (or is . or ..), names a
+    # directory the image has, or takes several sources; else DEST is the file's new name
+    existing = layers.resolve_in_image(state.image().lower_dirs(), dest_abs)
+    into_dir = (dest.endswith(("/", "/.", "/..")) or dest in (".", "..") or len(srcs) > 1
+                or (existing is not None and existing[1]))
+    key = cache.key(ins.keyword, state.chain(), ins.source, dest_abs, str(into_dir),
+                    await trio.to_thread.run_sync(_files_digest, srcs, context, ignore))
     if (layer := cache.get(key)) is not None:
         state.layers.append(layer)
         _history(state, ins, empty=False)
         return True
-    layer = await trio.to_thread.run_sync(_copy_layer, state.store, ins, srcs, dest, dest_abs)
+    layer = await trio.to_thread.run_sync(_copy_layer, state.store, ins, srcs, dest_abs,
+                                          into_dir, context, ignore)
     cache.put(key, layer)
     state.layers.append(layer)
     _history(state, ins, empty=False)
     return False
 
 
-def _copy_layer(store: Store, ins: Instruction, srcs: list[Path], dest: str,
-                dest_abs: str) -> Layer:
+def _copy_layer(store: Store, ins: Instruction, srcs: list[Path], dest_abs: str,
+                into_dir: bool, context: Path, ignore: Ignore) -> Layer:
     """Stage the sources of a COPY/ADD at their destination and pack that as a layer."""
     mode = int(ins.flags["chmod"], 8) if "chmod" in ins.flags else None
+
+    def skip(directory: str, names: list[str]) -> set[str]:
+        base = Path(directory).relative_to(context)
+        return {n for n in names if ignore.ignored(str(base / n))}
+
     with store.tempdir() as tmp:
         stage = Path(tmp) / "stage"
         stage.mkdir()
-        into_dir = dest.endswith("/") or len(srcs) > 1
         for src in srcs:
             target = stage / dest_abs.lstrip("/")
             if ins.keyword == "ADD" and src.is_file() and _is_tar(src):
@@ -502,7 +512,7 @@ def _copy_layer(store: Store, ins: Instruction, srcs: list[Path], dest: str,
                     layers.unpack(f, target, max_bytes=config.max_layer_bytes())
                 continue
             if src.is_dir():
-                shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
+                shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True, ignore=skip)
             else:
                 if into_dir:
                     target = target / src.name

@@ -226,6 +226,58 @@ def merged_lookup(lower: list[str], rel: str) -> str | None:
     return None
 
 
+def resolve_in_image(lower: list[str], path: str) -> tuple[str, bool] | None:
+    """Where the image path ``path`` leads in the overlay of ``lower``, following the
+    image's symlinks as the kernel would inside the sandbox (relative to the image's root:
+    never to anything of the host's): ``(host path, is a directory)``, or None when it
+    does not exist (or loops)."""
+    todo = [p for p in path.split("/") if p and p != "."]
+    done: list[str] = []
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        found = merged_lookup(lower, "/".join([*done, part]))
+        if found is None:
+            return None
+        if os.path.islink(found):
+            hops += 1
+            if hops > 40:
+                return None
+            target = os.readlink(found)
+            todo = [p for p in target.split("/") if p and p != "."] + todo
+            if target.startswith("/"):
+                done = []
+            continue
+        done.append(part)
+        if todo and not os.path.isdir(found):
+            return None
+    if not done:
+        return (lower[0], True) if lower else None
+    found = merged_lookup(lower, "/".join(done))
+    return None if found is None else (found, os.path.isdir(found))
+
+
+def read_merged(lower: list[str], rel: str, max_bytes: int = 1 << 20) -> str:
+    """The text of the regular file ``rel`` in the overlay of ``lower`` ("" when it is
+    missing, not a regular file, a symlink, or larger than ``max_bytes``)."""
+    found = merged_lookup(lower, rel)
+    if found is None:
+        return ""
+    try:
+        fd = os.open(found, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            return ""
+        return f.read(max_bytes).decode("utf-8", errors="replace")
+
+
 def _walk(root: str) -> Iterator[tuple[str, os.stat_result]]:
     """Every entry below ``root`` (relative path, lstat), parents first, sorted."""
     stack = [""]

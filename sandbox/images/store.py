@@ -504,9 +504,12 @@ class Store:
 
 
 def _candidates(ref: str) -> list[str]:
-    """Store names ``ref`` may mean: as given, then its full registry form."""
+    """Store names ``ref`` may mean: as given, then ``localhost/REF`` (a name podman gave
+    a local image), then its full registry form."""
     out: list[str] = []
-    for name in lookup_names(normalize_ref(ref)):
+    given = normalize_ref(ref)
+    local = [] if "/" in given.split("@")[0] else [f"localhost/{given}"]
+    for name in [*lookup_names(given)[:1], *local, *lookup_names(given)[1:]]:
         if normalize_ref(name) not in out:
             out.append(normalize_ref(name))
     return out

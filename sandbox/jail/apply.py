@@ -43,6 +43,7 @@ from .ops import (
     Symlink,
     UnshareCgroupNamespace,
     WriteFile,
+    WriteText,
 )
 
 _NOSUID_NODEV = linux.MS_NOSUID | linux.MS_NODEV
@@ -104,7 +105,7 @@ def apply(op: Op, ctx: Context) -> int | None:
                     dirs.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
                 names = [f"/proc/self/fd/{fd}" for fd in dirs]
                 data = (f"lowerdir={':'.join(names[:-2])},upperdir={names[-2]},"
-                        f"workdir={names[-1]},userxattr")
+                        f"workdir={names[-1]},userxattr,xino=on")
                 linux.mount("overlay", target, "overlay", _NOSUID_NODEV, data)
             finally:
                 for fd in dirs:
@@ -161,6 +162,21 @@ def apply(op: Op, ctx: Context) -> int | None:
                 os.fchown(dst, uid, gid)
             finally:
                 os.close(dst)
+        case WriteText(path, text, mode, beneath):
+            directory = _make_dirs(os.path.dirname(path), beneath)
+            name = os.path.basename(path)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=directory)
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, mode, dir_fd=directory)
+                try:
+                    os.write(fd, text.encode())
+                    os.fchmod(fd, mode)
+                finally:
+                    os.close(fd)
+            finally:
+                os.close(directory)
         case UnshareCgroupNamespace():
             linux.unshare(linux.CLONE_NEWCGROUP)
         case Chdir(path):

@@ -146,6 +146,18 @@ class WriteFile:
 
 
 @dataclass(frozen=True, slots=True)
+class WriteText:
+    """Replace ``path`` (whatever the image had there, a symlink included: it is unlinked,
+    never followed) with a new file holding ``text``; its directory is made as `MakeDir`
+    makes it, below ``beneath``."""
+
+    path: str
+    text: str
+    mode: int = 0o644
+    beneath: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class UnshareCgroupNamespace:
     """Enter a new cgroup namespace rooted at the job's cgroup."""
 
@@ -209,14 +221,14 @@ class Spawn:
 
 Op = (JoinCgroup | SetIdMap | AwaitIdMap | MakeRootPrivate | MountTmpfs | MakeDir | MountOverlay
       | BindMount | MountProc | MountDevpts | Symlink | PivotRoot | Remount | SetHostname
-      | LoopbackUp | WriteFile | UnshareCgroupNamespace | Chdir | SetRlimits | SetIds
+      | LoopbackUp | WriteFile | WriteText | UnshareCgroupNamespace | Chdir | SetRlimits | SetIds
       | DropBoundingSet | ClearCapabilities | NoNewPrivs | Seccomp | Spawn)
 
 _TYPES: dict[str, type[Any]] = {
     cls.__name__: cls for cls in (
         JoinCgroup, SetIdMap, AwaitIdMap, MakeRootPrivate, MountTmpfs, MakeDir, MountOverlay,
         BindMount, MountProc, MountDevpts, Symlink, PivotRoot, Remount, SetHostname, LoopbackUp,
-        WriteFile, UnshareCgroupNamespace, Chdir, SetRlimits, SetIds, DropBoundingSet,
+        WriteFile, WriteText, UnshareCgroupNamespace, Chdir, SetRlimits, SetIds, DropBoundingSet,
         ClearCapabilities, NoNewPrivs, Seccomp, Spawn)
 }
 

@@ -76,6 +76,7 @@ class SandboxShape:
     upper_dir: str = ""        # for builds: keep the overlay upper in this host dir
     host_network: bool = False  # for builds that ask for it: no new net namespace
     resolv_conf: bool = False  # with host_network: bind the host's /etc/resolv.conf (ro)
+    etc: tuple[tuple[str, str], ...] = ()  # files written over the image's (`etc_files`)
 
 
 def prepare(shape: SandboxShape, idmap: IdMapping, cgroup_fds: int = 0) -> list[o.Op]:
@@ -105,6 +106,7 @@ def prepare(shape: SandboxShape, idmap: IdMapping, cgroup_fds: int = 0) -> list[
     # Below `root` is the image, attacker-controlled: MakeDir never follows a symlink there.
     steps += [
         o.MountOverlay(shape.lower, upper, ovl_work, root),
+        *[o.WriteText(f"{root}/{rel}", text, 0o644, beneath=root) for rel, text in shape.etc],
         o.MakeDir(root + shape.workdir, 0o755, uid, gid, beneath=root),
         o.MakeDir(f"{root}/tmp", 0o1777, beneath=root),
         o.MakeDir(f"{root}/proc", 0o555, beneath=root),
@@ -196,13 +198,41 @@ def launch_ops(launch: Launch, idmap: IdMapping) -> list[o.Op]:
 
 
 def job_env(*, path: str, home: str, lang: str, image_env: Mapping[str, str],
-            extra: Mapping[str, str]) -> dict[str, str]:
-    """The job's whole environment: ours, then the image's, then the caller's ``--env``.
-    Nothing of the caller's own environment comes in."""
+            extra: Mapping[str, str], user: str = "") -> dict[str, str]:
+    """The job's whole environment: ours (with the job's account: HOME, USER, LOGNAME),
+    then the image's, then the caller's ``--env``. Nothing of the caller's own
+    environment comes in."""
     env = {"PATH": path, "HOME": home, "LANG": lang}
+    if user:
+        env.update(USER=user, LOGNAME=user)
     env.update(image_env)
     env.update(extra)
     return env
+
+
+def etc_files(*, hostname: str, uid: int, gid: int, home: str, passwd: str,
+              group: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The job's user name, and the files every job gets over the image's, as Docker
+    writes them: /etc/hosts (localhost and the hostname on loopback), /etc/hostname, and
+    the image's /etc/passwd and /etc/group with an entry for the job's uid and gid where
+    they have none (home: the work dir)."""
+    users = [line.split(":") for line in passwd.splitlines() if line.count(":") >= 6]
+    name = next((u[0] for u in users if u[2] == str(uid)), "")
+    if not name:
+        name = "sandbox" if "sandbox" not in {u[0] for u in users} else f"u{uid}"
+        passwd = _append(passwd, f"{name}:x:{uid}:{gid}:sandbox job:{home}:/bin/sh")
+    groups = [line.split(":") for line in group.splitlines() if line.count(":") >= 3]
+    if not any(g[2] == str(gid) for g in groups):
+        taken = {g[0] for g in groups}
+        group = _append(group, f"{name if name not in taken else f'g{gid}'}:x:{gid}:")
+    hosts = (f"127.0.0.1\tlocalhost {hostname}\n"
+             "::1\tlocalhost ip6-localhost ip6-loopback\n")
+    return name, (("etc/hosts", hosts), ("etc/hostname", hostname + "\n"),
+                  ("etc/passwd", passwd), ("etc/group", group))
+
+
+def _append(text: str, line: str) -> str:
+    return (text if not text or text.endswith("\n") else text + "\n") + line + "\n"
 
 
 def clone_flags(shape: SandboxShape | None = None) -> int:

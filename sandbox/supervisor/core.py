@@ -6,6 +6,7 @@ control. The daemon serves it over a socket; the CLI embeds it when no daemon ru
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import os
@@ -20,11 +21,12 @@ import trio
 from .. import cgroups, config, seccomp
 from ..cgroups import JobCgroup
 from ..errors import ImageError, SandboxError, SpecError
+from ..images import layers
 from ..images.store import Image, Lease, Store
 from ..jail import ops, plan
 from ..profiles import Profile, load_profile
-from ..spec import JobSpec, Limits, Result, Status
-from . import job
+from ..spec import File, JobSpec, Limits, Result, Status
+from . import job, program
 from .admission import Admission
 from .job import JobControl
 from .pool import Pool, Sandbox, layer_ids
@@ -71,6 +73,8 @@ class Supervisor:
         self._plans: dict[tuple[plan.SandboxShape, plan.IdMapping],
                           tuple[str, list[dict[str, Any]]]] = {}
         self._image_cache: dict[str, tuple[int, Image, tuple[str, ...]]] = {}
+        self._etc_cache: dict[tuple[str, str, int, int, str],
+                              tuple[str, tuple[tuple[str, str], ...]]] = {}
         self._index_path = str(self.store.root / "index.json")
         self.queued: dict[str, JobInfo] = {}
         self.running: dict[str, JobInfo] = {}
@@ -184,6 +188,9 @@ class Supervisor:
             full = reference.parse(ref)
         except ImageError:
             raise SpecError(f"image {ref!r} not found (see `sandbox images`)") from None
+        if full.registry == "localhost":  # podman's name for a local image: no registry
+            raise SpecError(f"image {ref!r} not found (see `sandbox images`; localhost/ names "
+                            "are local images: `sandbox image load` one)")
         progress = LineProgress(log) if log else None
         if log:
             log(f"Pulling {full}")
@@ -201,7 +208,7 @@ class Supervisor:
               writable_root: bool = False, upper_dir: str = "",
               workdir: str | None = None, host_network: bool = False,
               resolv_conf: bool = False, ids: tuple[int, int] | None = None,
-              ) -> plan.SandboxShape:
+              etc: tuple[tuple[str, str], ...] = ()) -> plan.SandboxShape:
         workdir = workdir or profile.workdir
         uid, gid = ids or (profile.uid, profile.gid)
         hit = self._image_cache.get(image.ref)
@@ -210,7 +217,43 @@ class Supervisor:
             lower=lower, disk=int(limits.disk or 0), workdir=workdir,
             uid=uid, gid=gid, hostname=profile.hostname,
             mount_point=self._mount_point, writable_root=writable_root, upper_dir=upper_dir,
-            host_network=host_network, resolv_conf=resolv_conf)
+            host_network=host_network, resolv_conf=resolv_conf, etc=etc)
+
+    def _not_found_hint(self, result: Result, image: Image, name: str) -> Result:
+        """A command that is not found but names an image (`sandbox exec busybox echo
+        hi`): say what to type instead."""
+        if result.exit_code != 127 or "/" in name or not result.message:
+            return result
+        from ..images.build import shipped_recipe  # noqa: PLC0415
+
+        if self._find(name) is None and shipped_recipe(name) is None:
+            return result
+        hint = (f"{name}: command not found in the image {image.ref}; {name} is an image: "
+                f"sandbox exec --image {name} COMMAND...")
+        return dataclasses.replace(result, message=hint)
+
+    def job_shape(self, image: Image, profile: Profile, limits: Limits,
+                  job: program.Program | None = None, *, read_only: bool = False,
+                  host_network: bool = False, resolv_conf: bool = False,
+                  ) -> tuple[str, plan.SandboxShape]:
+        """The job's user name and the shape of its sandbox (``job``: what the image's
+        own config gives, for a daemon's ``--warm``): a writable root unless
+        ``read_only``, and the files written over the image's (/etc/hosts, hostname,
+        passwd, group), cached per image and identity, so a warm sandbox has them."""
+        if job is None:
+            job = program.resolve(JobSpec(image=image.ref, argv=("true",)), image, profile)
+        key = (image.id, profile.hostname, job.uid, job.gid, job.workdir)
+        hit = self._etc_cache.get(key)
+        if hit is None:
+            lower = image.lower_dirs()
+            hit = self._etc_cache[key] = plan.etc_files(
+                hostname=profile.hostname, uid=job.uid, gid=job.gid, home=job.workdir,
+                passwd=layers.read_merged(lower, "etc/passwd"),
+                group=layers.read_merged(lower, "etc/group"))
+        user, etc = hit
+        return user, self.shape(image, profile, limits, writable_root=not read_only,
+                                workdir=job.workdir, host_network=host_network,
+                                resolv_conf=resolv_conf, ids=(job.uid, job.gid), etc=etc)
 
     async def new_sandbox(self, shape: plan.SandboxShape) -> Sandbox:
         """Make a fresh cgroup, clone an init into new namespaces that joins it and builds a
@@ -288,29 +331,26 @@ class Supervisor:
         limits = spec.limits.over(profile.limits)
         if image is None:
             image = await self.image(spec.image, progress)
-        argv = list(spec.argv)
-        if spec.entrypoint:
-            if image.entrypoint:
-                argv = image.entrypoint + argv
-            elif argv and "/" not in argv[0]:
-                argv[0] = f"./{argv[0]}"  # a copied-in program runs from the work dir
-        if not argv:
-            argv = image.entrypoint + image.cmd
-        if not argv:
-            raise SpecError(f"nothing to run: image {image.ref} has no entry point or command")
+        if upper_dir:  # a build's RUN step: the recipe's own WORKDIR and USER, no extras
+            job = program.Program(spec.argv, spec.files, workdir or profile.workdir,
+                                  *(ids or (profile.uid, profile.gid)))
+            user = ""
+            shape = self.shape(image, profile, limits, writable_root=writable_root,
+                               upper_dir=upper_dir, workdir=job.workdir,
+                               host_network=host_network, resolv_conf=resolv_conf,
+                               ids=(job.uid, job.gid))
+        else:
+            job = program.resolve(spec, image, profile)
+            user, shape = self.job_shape(image, profile, limits, job, read_only=spec.read_only,
+                                         host_network=host_network, resolv_conf=resolv_conf)
         bpf = seccomp.compile_bpf(profile.seccomp)
         idmap = self.idmap_for(upper_dir)
-        workdir = workdir or profile.workdir
-        uid, gid = ids or (profile.uid, profile.gid)
-        env = plan.job_env(path=profile.path_env, home=workdir, lang=profile.lang,
-                           image_env=image.env, extra=spec.env)
-        launch = plan.Launch(argv=tuple(argv), env=env,
-                             files=[(f.name, f.mode) for f in spec.files],
-                             workdir=workdir, uid=uid, gid=gid,
+        env = plan.job_env(path=profile.path_env, home=job.workdir, lang=profile.lang,
+                           image_env=image.env, extra=spec.env, user=user)
+        launch = plan.Launch(argv=job.argv, env=env, files=[(f.name, f.mode) for f in job.files],
+                             workdir=job.workdir, uid=job.uid, gid=job.gid,
                              rlimits=profile.rlimits, bpf=bpf)
-        shape = self.shape(image, profile, limits, writable_root=writable_root,
-                           upper_dir=upper_dir, workdir=workdir, host_network=host_network,
-                           resolv_conf=resolv_conf, ids=ids)
+        argv = job.argv
         control = control or JobControl()
         info = JobInfo(id=f"{os.getpid()}-{next(self._ids):x}", image=image.ref,
                        command=" ".join(argv)[:200], submitted=t0, owner=owner)
@@ -322,15 +362,17 @@ class Supervisor:
                 self.running[info.id] = info
                 if control.cancelled:
                     return Result(status=Status.SIGNALED, signal=9, message="cancelled")
-                return await self._run_in_sandbox(shape, limits, launch, idmap, spec, t0,
-                                                   on_output, control)
+                result = await self._run_in_sandbox(shape, limits, launch, idmap, job.files,
+                                                     spec.stdin, t0, on_output, control)
+                return self._not_found_hint(result, image, job.argv[0])
         finally:
             self.queued.pop(info.id, None)
             self.running.pop(info.id, None)
 
     async def _run_in_sandbox(self, shape: plan.SandboxShape, limits: Limits,
-                              launch: plan.Launch, idmap: plan.IdMapping, spec: JobSpec,
-                              t0: float, on_output: job.OutputCallback | None,
+                              launch: plan.Launch, idmap: plan.IdMapping,
+                              files: tuple[File, ...], stdin: bytes | None, t0: float,
+                              on_output: job.OutputCallback | None,
                               control: JobControl) -> Result:
         sandbox: Sandbox | None = None
         try:
@@ -342,8 +384,8 @@ class Supervisor:
                 return Result(status=Status.INTERNAL_ERROR, message=str(e),
                               setup_time=time.monotonic() - t0)
             return await job.run(sandbox.init, sandbox.cgroup, limits, plan.go(launch, idmap),
-                                 plan.launch_ops(launch, idmap), [f.data for f in spec.files],
-                                 spec.stdin, on_output, t0, control)
+                                 plan.launch_ops(launch, idmap), [f.data for f in files],
+                                 stdin, on_output, t0, control)
         finally:
             if sandbox is not None:
                 if self.pool.background is not None:  # the daemon: answer first

@@ -285,9 +285,11 @@ def _failed_start(failure: dict[str, object], m: _Measured) -> Result:
     argv0 = failure.get("exec")
     if failure.get("step") == "launch" and argv0:
         if err in (errno.ENOENT, errno.ENOTDIR):
-            return m.result(Status.NONZERO_EXIT, exit_code=127,
-                            note=f"sandbox: {argv0}: command not found\n".encode())
+            text = f"{argv0}: command not found"
+            return m.result(Status.NONZERO_EXIT, exit_code=127, message=text,
+                            note=f"sandbox: {text}\n".encode())
         if err in (errno.EACCES, errno.ENOEXEC, errno.EPERM, errno.EISDIR):
-            return m.result(Status.NONZERO_EXIT, exit_code=126, note=(
-                f"sandbox: {argv0}: cannot execute: {os.strerror(err)}\n".encode()))
+            text = f"{argv0}: cannot execute: {os.strerror(err)}"
+            return m.result(Status.NONZERO_EXIT, exit_code=126, message=text,
+                            note=f"sandbox: {text}\n".encode())
     return m.result(Status.INTERNAL_ERROR, message=f"{failure.get('step')}: {message}")

@@ -162,7 +162,8 @@ def test_clean_environment(runner: Runner) -> None:
     assert env["MINE"] == "1"
     assert env["HOME"] == "/work" and env["LANG"] == "C.UTF-8"
     assert env["PATH"] == "/bin"  # the image's ENV wins over the profile's default
-    assert set(env) <= {"PATH", "HOME", "LANG", "MINE", "PWD", "SHLVL"}
+    assert env["USER"] == env["LOGNAME"] == "sandbox"  # the job's account (/etc/passwd)
+    assert set(env) <= {"PATH", "HOME", "LANG", "MINE", "PWD", "SHLVL", "USER", "LOGNAME"}
 
 
 def test_stdin_from_file(runner: Runner, shared_tmp: Path) -> None:

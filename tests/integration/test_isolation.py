@@ -121,11 +121,26 @@ def test_cannot_signal_or_ptrace_init(runner: Runner, probe: Path) -> None:
 # ------------------------------------------------------------------ filesystem
 
 
-def test_root_is_read_only_work_and_tmp_are_writable(runner: Runner, probe: Path) -> None:
+def test_root_is_read_only_on_request_work_and_tmp_are_writable(runner: Runner,
+                                                                 probe: Path) -> None:
     for path, expect in (("/etc/x", 30), ("/usr/x", 30), ("/x", 30), ("/work/x", 0),
                          ("/tmp/x", 0), ("/dev/shm/x", 0), ("/dev/x", 30), ("/proc/x", 2)):
-        r = runner.exec(str(probe), "write", path)
+        r = runner.exec("--read-only", str(probe), "write", path)
         assert r["exit_code"] in ((expect,) if expect != 2 else (2, 13)), (path, r)
+
+
+def test_the_root_is_a_throw_away_layer_of_the_jobs_own(runner: Runner, probe: Path) -> None:
+    """Without --read-only the root is writable as the image's permissions allow (as in a
+    Docker container): root-owned directories refuse the job's uid (EACCES, not EROFS, so
+    `rm -f` of a missing file succeeds), and nothing a job changes reaches the next job."""
+    for path, expect in (("/etc/x", 13), ("/usr/x", 13), ("/x", 13), ("/work/x", 0),
+                         ("/tmp/x", 0), ("/dev/x", 30)):
+        r = runner.exec(str(probe), "write", path)
+        assert r["exit_code"] == expect, (path, r)
+    r = runner.sh("rm -f /etc/no-such-file && echo removed; mkdir /tmp/d && echo made")
+    assert r["stdout"] == "removed\nmade\n", r
+    r = runner.sh("ls /tmp")
+    assert r["stdout"] == "", r
 
 
 def test_every_mount_is_nosuid_and_nodev(runner: Runner) -> None:

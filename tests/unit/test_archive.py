@@ -51,8 +51,8 @@ def top_layer(store: Store, ref: str) -> dict[str, tuple[object, ...]]:
 @pytest.mark.parametrize("outer", ["", "gzip", "zstd"])
 def test_loads_oci_archives(store: Store, tmp_path: Path, compression: str, outer: str) -> None:
     data = compress(oci_archive(LAYERS, "localhost/app:1.0", compression), outer)
-    assert load(store, tmp_path, data) == ["app:1.0"]
-    image = store.resolve("app:1.0")
+    assert load(store, tmp_path, data) == ["localhost/app:1.0"]  # podman's name, kept
+    image = store.resolve("app:1.0")  # and found by its short name
     assert [layer.media_type.rsplit(".", 1)[-1] for layer in image.layers] == [
         {"": "tar", "gzip": "tar+gzip", "zstd": "tar+zstd"}[compression]] * 2
     assert top_layer(store, "app:1.0") == {
@@ -64,7 +64,7 @@ def test_loads_oci_archives(store: Store, tmp_path: Path, compression: str, oute
 def test_loads_docker_archives(store: Store, tmp_path: Path, compression: str) -> None:
     data = docker_archive(LAYERS, ["localhost/app:1.0", "docker.io/library/app:latest"],
                           compression)
-    assert load(store, tmp_path, data) == ["app:1.0", "docker.io/library/app:latest"]
+    assert load(store, tmp_path, data) == ["localhost/app:1.0", "docker.io/library/app:latest"]
     assert store.resolve("app:1.0").layers[0].diff_id == sha(LAYERS[0])
 
 
@@ -74,7 +74,7 @@ def test_save_then_load_round_trips(store: Store, tmp_path: Path, fmt: str) -> N
     out = tmp_path / f"saved-{fmt}.tar"
     archive.save(store, "app:1.0", out, fmt)
     other = Store(tmp_path / "other")
-    assert [i.ref for i in archive.load(other, out)] == ["app:1.0"]
+    assert [i.ref for i in archive.load(other, out)] == ["localhost/app:1.0"]  # as saved
     before, after = store.resolve("app:1.0"), other.resolve("app:1.0")
     assert after.id == before.id  # the same config
     assert [x.diff_id for x in after.layers] == [x.diff_id for x in before.layers]
@@ -92,7 +92,8 @@ def test_saved_oci_archive_carries_the_full_reference(store: Store, tmp_path: Pa
         names = tar.getnames()
     notes = index["manifests"][0]["annotations"]
     assert notes == {"org.opencontainers.image.ref.name": "localhost/app:1.0",
-                     "io.containerd.image.name": "localhost/app:1.0"}
+                     "io.containerd.image.name": "localhost/app:1.0",
+                     "sandbox.image.name": "localhost/app:1.0"}
     assert names[:2] == ["oci-layout", "index.json"]
 
 
@@ -115,7 +116,7 @@ def test_saved_docker_archive_has_plain_layers_and_repo_tags(store: Store,
 ])
 def test_full_references(ref: str, full: str) -> None:
     assert archive.full_reference(ref) == full
-    assert archive.local_name(full) == archive.local_name(ref)
+    assert archive.local_name(full) == full
 
 
 def test_names_from_the_containerd_annotation_or_the_tag_option(store: Store,
@@ -148,7 +149,7 @@ def test_picks_this_machines_manifest_from_an_index(store: Store, tmp_path: Path
     entries = [file("oci-layout", b"{}"), file("index.json", json.dumps(index).encode())]
     entries += [file(f"blobs/sha256/{sha(b)[7:]}", b)
                 for b in [nested, manifest, other, config, *blobs]]
-    assert load(store, tmp_path, tar_bytes(entries)) == ["multi:1"]
+    assert load(store, tmp_path, tar_bytes(entries)) == ["localhost/multi:1"]
     assert store.resolve("multi:1").manifest_digest == sha(manifest)
 
 
@@ -180,3 +181,13 @@ def test_unwritable_targets_are_one_line_errors(store: Store, tmp_path: Path) ->
     with pytest.raises(ImageError, match=r"cannot write /proc/x\.tar: ") as info:
         archive.save(store, "app:1", Path("/proc/x.tar"))  # not even root may create it
     assert "\n" not in str(info.value)
+
+
+def test_our_own_archives_keep_the_name_they_were_saved_under(store: Store,
+                                                              tmp_path: Path) -> None:
+    load(store, tmp_path, oci_archive(LAYERS, "localhost/app:1.0"))
+    store.tag("app:1.0", "mine:2")
+    out = tmp_path / "mine.tar"
+    archive.save(store, "mine:2", out)
+    other = Store(tmp_path / "other")
+    assert [i.ref for i in archive.load(other, out)] == ["mine:2"]  # not localhost/mine:2

@@ -7,7 +7,7 @@ from sandbox.cli import exec_cmd
 
 
 def test_same_options_as_the_click_command() -> None:
-    click_options = {opt for p in exec_cmd.params for opt in p.opts if opt.startswith("--")}
+    click_options = {opt for p in exec_cmd.params for opt in p.opts if opt.startswith("-")}
     assert set(_fastexec.OPTIONS) == click_options
 
 

@@ -114,3 +114,53 @@ def test_dirs_in_the_image_are_made_without_following_symlinks() -> None:
     assert {op.path for op in made} == {"/m/root/work", "/m/root/tmp", "/m/root/proc",
                                         "/m/root/dev"}
     assert all(op.beneath == "/m/root" for op in made)
+
+
+def test_etc_files_name_the_job_and_the_host_on_loopback() -> None:
+    passwd = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false"
+    name, files = plan.etc_files(hostname="box", uid=1000, gid=1000, home="/work",
+                                 passwd=passwd, group="root:x:0:\n")
+    text = dict(files)
+    assert name == "sandbox"
+    assert text["etc/hosts"] == ("127.0.0.1\tlocalhost box\n"
+                                 "::1\tlocalhost ip6-localhost ip6-loopback\n")
+    assert text["etc/hostname"] == "box\n"
+    assert text["etc/passwd"] == passwd + "\nsandbox:x:1000:1000:sandbox job:/work:/bin/sh\n"
+    assert text["etc/group"] == "root:x:0:\nsandbox:x:1000:\n"
+
+
+def test_etc_files_keep_an_entry_the_image_has() -> None:
+    passwd = "app:x:1000:1000::/home/app:/bin/sh\nsandbox:x:7:7::/:/bin/sh\n"
+    group = "app:x:1000:\n"
+    name, files = plan.etc_files(hostname="h", uid=1000, gid=1000, home="/work",
+                                 passwd=passwd, group=group)
+    assert name == "app" and dict(files)["etc/passwd"] == passwd
+    assert dict(files)["etc/group"] == group
+    name, files = plan.etc_files(hostname="h", uid=1001, gid=1001, home="/w", passwd=passwd,
+                                 group="sandbox:x:5:\n")
+    assert name == "u1001"  # "sandbox" is taken by another uid
+    assert dict(files)["etc/group"] == "sandbox:x:5:\nu1001:x:1001:\n"
+
+
+def test_etc_files_are_written_after_the_overlay_and_before_the_root_turns_read_only() -> None:
+    shape = dataclasses.replace(SHAPE, etc=(("etc/hosts", "x\n"),))
+    steps = plan.prepare(shape, SINGLE)
+    names = kinds(steps)
+    write = steps[names.index("WriteText")]
+    assert write == o.WriteText(f"{SHAPE.mount_point}/root/etc/hosts", "x\n", 0o644,
+                                beneath=f"{SHAPE.mount_point}/root")
+    assert names.index("MountOverlay") < names.index("WriteText") < names.index("PivotRoot")
+
+
+def test_a_writable_root_needs_no_binds_for_work_and_tmp() -> None:
+    steps = plan.prepare(dataclasses.replace(SHAPE, writable_root=True), SINGLE)
+    binds = [s.target for s in steps if isinstance(s, o.BindMount)]
+    assert f"{SHAPE.mount_point}/root/work" not in binds
+    assert o.Remount("/", readonly=True) not in steps
+
+
+def test_the_job_gets_its_account_in_the_environment() -> None:
+    env = plan.job_env(path="/bin", home="/work", lang="C.UTF-8", image_env={},
+                       extra={"USER": "x"}, user="sandbox")
+    assert env == {"PATH": "/bin", "HOME": "/work", "LANG": "C.UTF-8", "USER": "x",
+                   "LOGNAME": "sandbox"}

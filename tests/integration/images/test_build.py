@@ -146,7 +146,8 @@ def test_host_network_shows_the_hosts_resolv_conf_but_keeps_it_out(store_runner:
     assert "resolv.copy" in layer_names(store_runner, top)
     assert not any("resolv.conf" in n for n in layer_names(store_runner, top))
     r = store_runner.sh("cat /resolv.copy; ls /etc", image="dns")
-    assert r["stdout"] == Path("/etc/resolv.conf").read_text()
+    # (and /etc holds only the files every job gets)
+    assert r["stdout"] == Path("/etc/resolv.conf").read_text() + "group\nhostname\nhosts\npasswd\n"
 
 
 def test_a_job_sees_exactly_the_merged_view_of_five_built_layers(store_runner: Runner,
@@ -179,3 +180,63 @@ def test_a_job_sees_exactly_the_merged_view_of_five_built_layers(store_runner: R
         finally:
             remove_tree(home.parent)
     assert store_home(store_runner).is_dir()
+
+
+COPY_RULES = """FROM tiny
+RUN mkdir -p /existing/dir /usr/local/bin
+WORKDIR /app
+COPY f.txt .
+COPY f.txt /existing/dir
+COPY f.txt /made/
+COPY f.txt /renamed.txt
+COPY tool /usr/local/bin
+COPY tree /tree
+COPY f.txt tool /both/
+COPY t*.txt /glob/
+"""
+
+
+def test_copy_follows_dockers_rules(store_runner: Runner, context: Path) -> None:
+    """Docker's COPY rules, one line each: DEST . or an existing directory or a trailing /
+    takes the file inside; other DEST names the file; a directory's contents are copied,
+    not the directory; several sources need a directory; wildcards expand."""
+    write_recipe(context, COPY_RULES, **{"f.txt": "f\n", "tool": "t\n", "t1.txt": "1\n",
+                                         "t2.txt": "2\n"})
+    (context / "tree" / "sub").mkdir(parents=True)
+    (context / "tree" / "sub" / "leaf").write_text("leaf\n")
+    for p in (context / "tree", context / "tree" / "sub"):
+        p.chmod(0o755)
+    (context / "tree" / "sub" / "leaf").chmod(0o644)
+    build(store_runner, context, "copies")
+    r = store_runner.sh("cd /; for p in app/f.txt existing/dir/f.txt made/f.txt renamed.txt "
+                        "usr/local/bin/tool tree/sub/leaf both/f.txt both/tool glob/t1.txt "
+                        "glob/t2.txt; do test -f $p && echo $p; done; test -d usr/local/bin "
+                        "&& echo bin-is-a-dir", image="copies")
+    assert r["stdout"].split() == [
+        "app/f.txt", "existing/dir/f.txt", "made/f.txt", "renamed.txt", "usr/local/bin/tool",
+        "tree/sub/leaf", "both/f.txt", "both/tool", "glob/t1.txt", "glob/t2.txt",
+        "bin-is-a-dir"], r
+
+
+def test_dockerignore_and_its_exceptions(store_runner: Runner, context: Path) -> None:
+    write_recipe(context, "FROM tiny\nCOPY . /ctx/\n", **{
+        ".dockerignore": "*.log\n!keep.log\nsecret/\n", "a.log": "x\n", "keep.log": "k\n",
+        "ok.txt": "ok\n"})
+    (context / "secret").mkdir(mode=0o755)
+    (context / "secret" / "key").write_text("k\n")
+    (context / "secret" / "key").chmod(0o644)
+    build(store_runner, context, "ignoring")
+    r = store_runner.sh("cd /ctx && ls -A", image="ignoring")
+    assert r["stdout"].split() == [".dockerignore", "Sandboxfile", "keep.log", "ok.txt"], r
+    write_recipe(context, "FROM tiny\nCOPY a.log /\n")
+    proc = build(store_runner, context, "ignoring2", check=False)
+    assert proc.returncode == 125 and b"excluded by the build context's ignore file" in \
+        proc.stderr, proc.stderr
+
+
+def test_the_image_name_is_checked_before_the_first_step(store_runner: Runner,
+                                                         context: Path) -> None:
+    write_recipe(context, "FROM tiny\nRUN echo never > /x\n")
+    proc = build(store_runner, context, "Bad Name!", check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 125 and "invalid image name" in err and "Step 1/" not in err, err

@@ -153,7 +153,7 @@ def test_archives_from_skopeo_load_and_run(root_store: Runner, tools: Tools,
     fresh, home = store_of(root_store, None)
     try:
         loaded = fresh.run(["image", "load", "-i", str(out)], check=True).stdout.decode()
-        assert loaded == f"Loaded image: skopeo-made:{compression}\n"
+        assert loaded == f"Loaded image: localhost/skopeo-made:{compression}\n"
         layers = inspect(fresh, f"skopeo-made:{compression}")["layers"]
         assert {x["mediaType"] for x in layers} == {
             f"application/vnd.oci.image.layer.v1.tar+{compression}"}
@@ -186,7 +186,7 @@ def test_podman_built_images_load_and_run(root_store: Runner, tools: Tools, fmt:
     fresh, home = store_of(root_store, None)
     try:
         loaded = fresh.run(["image", "load", "-i", str(out)], check=True).stdout.decode()
-        assert loaded == "Loaded image: podman-made:1\n"
+        assert loaded == "Loaded image: localhost/podman-made:1\n"  # podman's name, kept
         assert len(inspect(fresh, "podman-made:1")["layers"]) == 5
         r = fresh.sh(VIEW, image="podman-made:1")
         assert (r["status"], r["stdout"]) == ("ok", EXPECTED)

@@ -67,7 +67,7 @@ def test_a_job_sees_exactly_the_merged_view_of_five_loaded_layers(
     path.write_bytes(data)
     path.chmod(0o644)
     proc = store_runner.run(["image", "load", "-i", str(path)], check=True)
-    assert proc.stdout.decode() == "Loaded image: crafted:5\n"
+    assert proc.stdout.decode() == "Loaded image: localhost/crafted:5\n"
     assert len(inspect(store_runner, "crafted:5")["layers"]) == 5
     r = store_runner.sh(VIEW, image="crafted:5")
     assert (r["status"], r["stdout"], r["stderr"]) == ("ok", EXPECTED, "")
