@@ -33,6 +33,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "--file": ("file", "many"), "--json": ("json", "flag"),
     "-w": ("workdir", "str"), "--workdir": ("workdir", "str"),
     "-u": ("user", "str"), "--user": ("user", "str"), "--read-only": ("read_only", "flag"),
+    "-i": ("interactive", "flag"), "--interactive": ("interactive", "flag"),
 }
 _PARSE: dict[str, Callable[[str], Any]] = {"str": str, "seconds": parse_seconds,
                                            "size": parse_size, "int": int}
@@ -77,6 +78,8 @@ def parse(argv: list[str]) -> dict[str, Any] | None:
             opts[key] = parsed
     if i >= len(argv) or any("=" not in e for e in opts["env"]):
         return None
+    if opts.get("interactive") or opts.get("stdin") == "-":
+        return None  # a stream: the full CLI feeds it as the job reads
     opts["argv"] = argv[i:]
     return opts
 
@@ -88,13 +91,14 @@ def spec_dict(opts: dict[str, Any]) -> dict[str, Any] | None:
         given = job_program(opts["argv"][0], opts["argv"][1:], opts["file"])
         stdin = None
         if opts.get("stdin") is not None:
-            if opts["stdin"] == "-":
-                stdin = sys.stdin.buffer.read()
-            else:
-                with open(opts["stdin"], "rb") as f:
-                    stdin = f.read()
+            with open(opts["stdin"], "rb") as f:
+                if os.fstat(f.fileno()).st_size > 16 << 20:  # = cli.INLINE_STDIN: streamed
+                    return None
+                stdin = f.read()
     except (OSError, SpecError):
         return None
+    if sum(len(f["data"]) for f in given["files"]) > 16 << 20:  # = client.INLINE_FILES
+        return None  # the full client sends large files in chunks
     limits = {k: opts[k] for k in ("time", "wall_time", "memory", "pids", "output", "disk")
               if k in opts}
     return {"image": opts["image"], **given, "stdin": stdin,
@@ -155,10 +159,8 @@ def run(argv: list[str]) -> int | None:
     try:
         daemon.start({"t": "run", "id": 1, "spec": spec, "stream_output": not as_json,
                       "stdin_stream": False})
-    except OSError as e:
+    except OSError:
         daemon.sock.close()
-        if opts.get("stdin") == "-":  # already read: the full CLI could not read it again
-            return _error(f"the daemon at {path} did not answer the handshake: {e}", as_json)
         return None  # another protocol version, a daemon going away: the full CLI decides
     try:
         while True:
@@ -181,6 +183,9 @@ def run(argv: list[str]) -> int | None:
             _write("stdout", json.dumps(verdict.json_view(result)).encode() + b"\n")
         elif result["status"] != "ok":
             _write("stderr", verdict.summary(result).encode() + b"\n")
+    except _ReaderGone:  # `| head -1`: exit as if by SIGPIPE, quietly, as tools in a pipe do
+        drop_unwritable_stdout()
+        return 128 + 13
     except _Unwritable as e:  # closing the connection makes the daemon kill the job
         return _error(str(e), False)
     except (OSError, SpecError, KeyError) as e:
@@ -194,11 +199,17 @@ class _Unwritable(Exception):
     """Our own stdout or stderr cannot take the job's output (a full disk, a closed pipe)."""
 
 
+class _ReaderGone(_Unwritable):
+    """The reader of our stdout or stderr went away."""
+
+
 def _write(stream: str, data: bytes) -> None:
     out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
     try:
         out.write(data)
         out.flush()
+    except BrokenPipeError:
+        raise _ReaderGone from None
     except OSError as e:
         raise _Unwritable(f"cannot write the job's {stream}: {e.strerror}") from None
 

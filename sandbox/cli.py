@@ -9,6 +9,8 @@ never a traceback.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,31 +32,56 @@ def fail(message: str) -> NoReturn:
 
 
 class _Progress:
-    """Build output for a person: step lines printed, noisy lines in a spinner (rich)."""
+    """Build and pull output for a person: step lines printed, noisy lines in a spinner
+    (rich) that is shown only while there is progress to show, and cleared for good before
+    a job's first byte of output."""
 
     def __init__(self) -> None:
         from rich.console import Console  # noqa: PLC0415
 
         self.console = Console(stderr=True, highlight=False, emoji=False)
         self.status: Any = None
+        self.output_started = False
 
     def __enter__(self) -> _Progress:
-        if self.console.is_terminal:
-            self.status = self.console.status("working...")
-            self.status.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
         if self.status is not None:
             self.status.stop()
+            self.status = None
 
     def __call__(self, line: str) -> None:
         shown = ("Step ", " --->", "Successfully", "     ")
         if line.startswith(shown[:3]) or not self.console.is_terminal:
             if line.startswith(shown):
                 self.console.print(line, markup=False, soft_wrap=True)
-        elif self.status is not None:
+        elif not self.output_started:
+            if self.status is None:
+                self.status = self.console.status(line[:100])
+                self.status.start()
             self.status.update(line[:100])
+
+    def output(self, stream: str, chunk: bytes) -> None:
+        """A job's output, passed through as it comes (the spinner gone first)."""
+        if not self.output_started:
+            self.output_started = True
+            self.stop()
+        out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+        try:
+            out.write(chunk)
+            out.flush()
+        except BrokenPipeError:  # `sandbox exec ... | head -1`: the reader is done
+            raise OutputClosed(f"the job's {stream} was closed by its reader") from None
+        except OSError as e:  # a full disk: the job is killed, we say why
+            raise SandboxError(f"cannot write the job's {stream}: {e.strerror}") from None
+
+
+class OutputClosed(SandboxError):
+    """Our stdout or stderr has no reader any more: exit as a pipeline expects (SIGPIPE)."""
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -102,7 +129,10 @@ def cli() -> None:
 @click.option("--disk", callback=_size, metavar="SIZE",
               help="Everything the job may write (work dir, /tmp, /dev/shm).")
 @click.option("--stdin", "stdin_path", metavar="FILE",
-              help="Feed FILE's content as stdin ('-' reads this command's stdin first).")
+              help="The job's stdin: a copy of FILE (streamed when over 16 MiB), or '-': "
+                   "this command's stdin, streamed as the job reads it.")
+@click.option("-i", "--interactive", is_flag=True,
+              help="Stream this command's stdin to the job (the same as --stdin -).")
 @click.option("--env", "env_items", multiple=True, metavar="K=V", help="Set a variable.")
 @click.option("--file", "extra_files", multiple=True, metavar="PATH",
               help="Also copy PATH into the work dir (repeatable).")
@@ -119,7 +149,8 @@ def cli() -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def exec_cmd(image: str, profile: str, time_: float | None, wall_time: float | None,
              memory: int | None, pids: int | None, output: int | None, disk: int | None,
-             stdin_path: str | None, env_items: tuple[str, ...], extra_files: tuple[str, ...],
+             stdin_path: str | None, interactive: bool, env_items: tuple[str, ...],
+             extra_files: tuple[str, ...],
              workdir: str | None, user: str | None, read_only: bool,
              as_json: bool, program: str, args: tuple[str, ...]) -> None:
     """Run PROGRAM in a fresh sandbox.
@@ -138,12 +169,9 @@ def exec_cmd(image: str, profile: str, time_: float | None, wall_time: float | N
     except SandboxError as e:
         fail(str(e))
     files = [File(**f) for f in given["files"]]
-    stdin: bytes | None = None
-    if stdin_path is not None:
-        try:
-            stdin = sys.stdin.buffer.read() if stdin_path == "-" else Path(stdin_path).read_bytes()
-        except OSError as e:
-            fail(f"--stdin {stdin_path}: {e.strerror}")
+    if interactive and stdin_path not in (None, "-"):
+        fail("-i streams this command's stdin: it does not go with --stdin FILE")
+    stdin, stdin_fd = _job_stdin("-" if interactive else stdin_path)
     spec = JobSpec(image=image, argv=tuple(given["argv"]), files=tuple(files), stdin=stdin,
                    env=parse_env(env_items), profile=profile, entrypoint=given["entrypoint"],
                    host_path=given["host_path"], workdir=workdir, user=user,
@@ -152,10 +180,15 @@ def exec_cmd(image: str, profile: str, time_: float | None, wall_time: float | N
                                  output=output, disk=disk))
     from .client import run_job  # noqa: PLC0415
 
-    stream = None if as_json else _passthrough
     try:
         with _Progress() as progress:
-            result = run_job(spec, on_output=stream, on_progress=progress)
+            result = run_job(spec, on_output=None if as_json else progress.output,
+                             on_progress=progress, stdin_fd=stdin_fd)
+    except OutputClosed:
+        _drop_unwritable_stdout()
+        sys.exit(128 + 13)  # as if killed by SIGPIPE, quietly, as other tools in a pipe are
+    except KeyboardInterrupt:  # (before click's own handler, which prints an empty line)
+        _interrupted()
     except SandboxError as e:
         if as_json:  # scripts still get their one object
             from .verdict import internal_error  # noqa: PLC0415
@@ -168,18 +201,31 @@ def exec_cmd(image: str, profile: str, time_: float | None, wall_time: float | N
         elif result.status.value != "ok":
             click.echo(result.summary(), err=True)
         sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_unwritable_stdout()
+        sys.exit(128 + 13)
     except OSError as e:
         fail(f"cannot write the result: {e.strerror}")
     sys.exit(result.cli_exit_code)
 
 
-def _passthrough(stream: str, chunk: bytes) -> None:
-    out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+INLINE_STDIN = 16 << 20  # a --stdin FILE up to this size is copied; a larger one streams
+
+
+def _job_stdin(path: str | None) -> tuple[bytes | None, int | None]:
+    """The job's stdin: ``(a copy, None)``, or ``(None, a descriptor to stream from)``."""
+    if path is None:
+        return None, None
+    if path == "-":
+        return None, sys.stdin.fileno()
     try:
-        out.write(chunk)
-        out.flush()
-    except OSError as e:  # a full disk, a closed pipe: the job is killed, we say why
-        raise SandboxError(f"cannot write the job's {stream}: {e.strerror}") from None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if os.fstat(fd).st_size > INLINE_STDIN or not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, fd
+        with os.fdopen(fd, "rb") as f:
+            return f.read(), None
+    except OSError as e:
+        fail(f"--stdin {path}: {e.strerror}")
 
 
 # ---------------------------------------------------------------------------- images
@@ -200,7 +246,7 @@ def _human(n: float) -> str:
 
 
 @cli.command("images")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object each.")
 def images_cmd(as_json: bool) -> None:
     """List the images in the store with their sizes (SHARED: bytes in layers another image
     uses too; UNIQUE: what removing only this image and pruning would free)."""
@@ -227,7 +273,7 @@ def image_group() -> None:
 
 
 @image_group.command("ls")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object each.")
 @click.pass_context
 def image_ls(ctx: click.Context, as_json: bool) -> None:
     """List images (same as `sandbox images`)."""
@@ -237,7 +283,9 @@ def image_ls(ctx: click.Context, as_json: bool) -> None:
 @image_group.command("build")
 @click.argument("name")
 @click.option("--no-cache", is_flag=True, help="Rebuild every step.")
-def image_build(name: str, no_cache: bool) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the new image as one JSON object (steps still go to stderr).")
+def image_build(name: str, no_cache: bool, as_json: bool) -> None:
     """Build a shipped image (a recipe in images/NAME), e.g. `sandbox image build py3`."""
     from .images.build import shipped_recipe  # noqa: PLC0415
 
@@ -248,40 +296,53 @@ def image_build(name: str, no_cache: bool) -> None:
         shipped = sorted(p.name for p in config.recipes_dir().iterdir() if p.is_dir())
         fail(f"no shipped recipe {name!r} (shipped: {', '.join(shipped)}); use "
              "`sandbox build -t NAME DIR` for your own")
-    _build(recipe, name, no_cache, network="host")  # shipped recipes install packages
+    _build(recipe, name, no_cache, network="host", as_json=as_json)  # (they install packages)
 
 
 @cli.command("build")
-@click.option("-t", "--tag", "tag", required=True, metavar="NAME[:TAG]")
+@click.option("-t", "--tag", "tag", required=True, metavar="NAME[:TAG]",
+              help="The new image's name (checked before the first step).")
 @click.option("-f", "--file", "recipe_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Recipe file (default: DIR/Sandboxfile or DIR/Dockerfile).")
 @click.option("--no-cache", is_flag=True, help="Rebuild every step.")
-@click.option("--build-arg", "build_args", multiple=True, metavar="K=V")
+@click.option("--build-arg", "build_args", multiple=True, metavar="K=V",
+              help="A value for the recipe's ARG K (repeatable).")
 @click.option("--network", type=click.Choice(["none", "host"]), default="none",
               show_default=True, help="Network of RUN steps: none, or the host's.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the new image as one JSON object (steps still go to stderr).")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def build_cmd(tag: str, recipe_file: Path | None, no_cache: bool, build_args: tuple[str, ...],
-              network: str, directory: Path) -> None:
+              network: str, as_json: bool, directory: Path) -> None:
     """Build an image from DIR/Sandboxfile (a Dockerfile subset)."""
     from .spec import parse_env  # noqa: PLC0415
 
-    _build(directory, tag, no_cache, recipe_file, parse_env(build_args), network)
+    _build(directory, tag, no_cache, recipe_file, parse_env(build_args), network, as_json)
 
 
 def _build(directory: Path, tag: str, no_cache: bool, recipe_file: Path | None = None,
-           build_args: dict[str, str] | None = None, network: str = "none") -> None:
+           build_args: dict[str, str] | None = None, network: str = "none",
+           as_json: bool = False) -> None:
     import trio  # noqa: PLC0415
 
     from .images import build  # noqa: PLC0415
     from .supervisor.core import Supervisor  # noqa: PLC0415
 
-    async def main(progress: Callable[[str], None]) -> None:
+    async def main(progress: Callable[[str], None]) -> Any:
         async with Supervisor(on_progress=progress) as sup:
-            await build.build(sup, directory, tag, progress=progress, no_cache=no_cache,
-                              recipe_file=recipe_file, build_args=build_args, network=network)
+            return await build.build(sup, directory, tag, progress=progress,
+                                     no_cache=no_cache, recipe_file=recipe_file,
+                                     build_args=build_args, network=network)
 
     with _Progress() as progress:
-        trio.run(main, progress)
+        image = trio.run(main, progress)
+    if as_json:
+        click.echo(json.dumps(_image_json(image)))
+
+
+def _image_json(image: Any) -> dict[str, Any]:
+    return {"name": image.ref, "id": image.id, "digest": image.manifest_digest,
+            "layers": len(image.layers), "size": image.size}
 
 
 @image_group.command("rm")
@@ -328,7 +389,7 @@ def image_inspect(name: str) -> None:
 
 @image_group.command("history")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, newest first.")
 @click.option("--no-trunc", is_flag=True, help="Do not shorten the instructions.")
 def image_history(name: str, as_json: bool, no_trunc: bool) -> None:
     """Show how an image was made: one row per instruction, newest first, with the layer
@@ -398,12 +459,20 @@ def profile_group() -> None:
 
 
 @profile_group.command("list")
-def profile_list() -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON array: name, description, path of each.")
+def profile_list(as_json: bool) -> None:
     """List the profiles on the search path."""
     from .profiles import list_profiles, load_profile  # noqa: PLC0415
 
-    for path in list_profiles():
-        click.echo(f"{path.stem:12} {load_profile(path.stem).description}  ({path})")
+    rows = [(path.stem, load_profile(path.stem).description, str(path))
+            for path in list_profiles()]
+    if as_json:
+        click.echo(json.dumps([{"name": n, "description": d, "path": p} for n, d, p in rows]))
+        return
+    click.echo(f"{'NAME':12} DESCRIPTION  (PATH)")
+    for name, description, path in rows:
+        click.echo(f"{name:12} {description}  ({path})")
 
 
 @profile_group.command("show")
@@ -435,17 +504,17 @@ def profile_show(name: str, bpf: bool) -> None:
 @click.option("--max-running", type=click.IntRange(1, 100000),
               help="Jobs running at once (default: the number of CPUs); the rest queue.")
 @click.option("--max-queued", type=click.IntRange(0, 1000000), default=4096,
-              show_default=True)
+              show_default=True, help="Jobs that may wait for a slot; more are refused.")
 @click.option("--fair", is_flag=True,
               help="Queued jobs take turns between connections (default: arrival order).")
 @click.option("--max-jobs-per-connection", type=click.IntRange(1, 1000000), default=1024,
-              show_default=True)
+              show_default=True, help="Jobs one connection may have queued or running.")
 @click.option("--max-message", callback=_size, default="64M", show_default=True,
               help="Largest protocol message accepted.")
 @click.option("--idle-timeout", type=float, metavar="SECONDS",
               help="Exit after this long with no client and no job.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default="info", show_default=True)
+              default="info", show_default=True, help="The least important log line shown.")
 def daemon_cmd(socket_path: Path | None, pool_size: int, warm: tuple[str, ...],
                max_running: int | None, max_queued: int, fair: bool,
                max_jobs_per_connection: int, max_message: int, idle_timeout: float | None,
@@ -466,7 +535,8 @@ def daemon_cmd(socket_path: Path | None, pool_size: int, warm: tuple[str, ...],
 
 
 @cli.command("ps")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: running, queued, limits, pool.")
 def ps_cmd(as_json: bool) -> None:
     """Show the daemon's running and queued jobs, its limits and its warm pool."""
     from .client import Client  # noqa: PLC0415
@@ -482,6 +552,7 @@ def ps_cmd(as_json: bool) -> None:
                f"{len(jobs['queued'])}/{limits['max_queued']} ({order}), warm sandboxes "
                f"{pool.get('idle', 0)} (hits {pool.get('warm_hits', 0)}, cold "
                f"{pool.get('cold_starts', 0)})")
+    click.echo(f"{'ID':16} {'STATE':8} {'OWNER':5} {'IMAGE':24} {'TIME':>9}  COMMAND")
     for state in ("running", "queued"):
         for j in jobs[state]:
             click.echo(f"{j['id']:16} {state:8} {j['owner']:5} {j['image']:24} "
@@ -489,14 +560,39 @@ def ps_cmd(as_json: bool) -> None:
                        f"{j['command']}")
 
 
+@cli.command("kill")
+@click.argument("jobs", nargs=-1, required=True, metavar="JOB...")
+def kill_cmd(jobs: tuple[str, ...]) -> None:
+    """Kill the daemon's jobs (the IDs `sandbox ps` shows): their results say cancelled."""
+    from .client import Client  # noqa: PLC0415
+
+    failed = False
+    with Client(mode="daemon") as client:
+        for job in jobs:
+            try:
+                client.kill(job)
+            except SandboxError as e:
+                click.echo(f"sandbox: error: {e}", err=True)
+                failed = True
+            else:
+                click.echo(job)
+    sys.exit(EXIT_SANDBOX if failed else 0)
+
+
 # ---------------------------------------------------------------------------- host
 
 
 @cli.command("doctor")
-def doctor_cmd() -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: ok, and each check's name, ok, detail and fix.")
+def doctor_cmd(as_json: bool) -> None:
     """Check that this host can run sandboxes with limits; print each problem's fix."""
-    from .doctor import run_checks  # noqa: PLC0415
+    from .doctor import checks_json, run_checks  # noqa: PLC0415
 
+    if as_json:
+        report = checks_json()
+        click.echo(json.dumps(report))
+        sys.exit(0 if report["ok"] else 1)
     sys.exit(run_checks(click.echo))
 
 
@@ -525,8 +621,8 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="sandbox", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
+    except click.exceptions.Abort:  # Ctrl-C elsewhere (click printed a newline already)
+        _interrupted()
     except click.ClickException as e:
         click.echo(f"sandbox: error: {e.format_message()}", err=True)
         sys.exit(EXIT_SANDBOX)
@@ -536,11 +632,27 @@ def main(argv: list[str] | None = None) -> None:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         fail(f"{e.strerror or e}{where}")
     except KeyboardInterrupt:
-        click.echo("sandbox: interrupted", err=True)
-        sys.exit(130)
+        _interrupted()
     except BrokenPipeError:
         sys.exit(EXIT_SANDBOX)
+    except BaseExceptionGroup as group:  # what trio's nurseries wrapped (a build's, a pull's)
+        from .client import _unwrap  # noqa: PLC0415
+
+        error = _unwrap(group)
+        if isinstance(error, KeyboardInterrupt):
+            _interrupted()
+        if isinstance(error, SandboxError):
+            fail(str(error))
+        raise
     sys.exit(0)
+
+
+def _interrupted() -> NoReturn:
+    """Ctrl-C: the job (killed with its supervisor, or by the daemon when we hang up) and
+    everything it had are gone; one line, and 130 as a shell reports it."""
+    click.echo("sandbox: interrupted", err=True)
+    _drop_unwritable_stdout()
+    sys.exit(130)
 
 
 if __name__ == "__main__":

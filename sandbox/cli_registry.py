@@ -6,6 +6,7 @@ what scripts want: after a pull the digest and the full name, after a push the d
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from typing import Any
@@ -86,8 +87,10 @@ _insecure = click.option("--insecure", is_flag=True,
 @click.command("pull")
 @_insecure
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image's full name.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: name, digest, id, downloaded.")
 @click.argument("ref")
-def pull_cmd(ref: str, insecure: bool, quiet: bool) -> None:
+def pull_cmd(ref: str, insecure: bool, quiet: bool, as_json: bool) -> None:
     """Pull REF (name[:tag], name@sha256:..., host[:port]/path[:tag]) from its registry."""
     from .images import reference  # noqa: PLC0415
     from .images.pull import pull  # noqa: PLC0415
@@ -100,8 +103,12 @@ def pull_cmd(ref: str, insecure: bool, quiet: bool) -> None:
         if not quiet:
             view.message(f"Pulling {name}")
         result = pull(ref, store=store, insecure=insecure, progress=view)
+    fresh = before is None or before.manifest_digest != result.image.manifest_digest
+    if as_json:
+        click.echo(json.dumps({"name": result.name, "digest": result.digest,
+                               "id": result.image.id, "downloaded": fresh}))
+        return
     if not quiet:
-        fresh = before is None or before.manifest_digest != result.image.manifest_digest
         click.echo(f"Digest: {result.digest}")
         click.echo(f"Status: {'Downloaded newer image' if fresh else 'Image is up to date'} "
                    f"for {result.name}")
@@ -110,9 +117,11 @@ def pull_cmd(ref: str, insecure: bool, quiet: bool) -> None:
 
 @click.command("push")
 @_insecure
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: ref, digest, uploaded, mounted, present.")
 @click.argument("name")
 @click.argument("ref", required=False)
-def push_cmd(name: str, ref: str | None, insecure: bool) -> None:
+def push_cmd(name: str, ref: str | None, insecure: bool, as_json: bool) -> None:
     """Push the image NAME to REF (default: NAME, which must then name a registry)."""
     from .images.push import push  # noqa: PLC0415
 
@@ -120,6 +129,11 @@ def push_cmd(name: str, ref: str | None, insecure: bool) -> None:
         result = push(name, ref, insecure=insecure, progress=view)
         view.message(f"Pushed {result.ref}: {result.uploaded} uploaded, {result.mounted} "
                      f"mounted, {result.present} already there")
+    if as_json:
+        click.echo(json.dumps({"ref": str(result.ref), "digest": result.digest,
+                               "uploaded": result.uploaded, "mounted": result.mounted,
+                               "present": result.present}))
+        return
     click.echo(result.digest)
 
 

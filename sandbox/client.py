@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -36,10 +36,13 @@ from .protocol import (
     Connection,
     ErrorReply,
     Event,
+    FileData,
     GetVersion,
     Hello,
     JobFinished,
+    JobKilled,
     JobList,
+    KillJob,
     ListJobs,
     Output,
     Ping,
@@ -67,6 +70,30 @@ def socket_path() -> Path:
 
 def _finished(event: JobFinished) -> Result:
     return Result.from_dict(event.result)
+
+
+INLINE_FILES = 16 << 20  # a job's files up to this many bytes travel in its RunJob
+UPLOAD_CHUNK = 1 << 20
+
+
+def _run_messages(job_id: int, spec: JobSpec, *, stream_output: bool, stdin_stream: bool,
+                  ) -> tuple[RunJob, Iterator[FileData]]:
+    """The job's RunJob, and the FileData messages that carry its files when they are too
+    large to go along (every message stays far below the daemon's message bound)."""
+    data = spec.to_dict()
+    if sum(len(f.data) for f in spec.files) <= INLINE_FILES:
+        return RunJob(job_id, data, stream_output, stdin_stream), iter(())
+    files = [{"name": f.name, "mode": f.mode, "size": len(f.data)} for f in spec.files]
+
+    def chunks() -> Iterator[FileData]:
+        for index, f in enumerate(spec.files):
+            view = memoryview(f.data)
+            for offset in range(0, max(len(view), 1), UPLOAD_CHUNK):
+                end = offset + UPLOAD_CHUNK
+                yield FileData(job_id, index, bytes(view[offset:end]), end >= len(view))
+
+    return (RunJob(job_id, {**data, "files": files}, stream_output, stdin_stream, True),
+            chunks())
 
 
 class Client:
@@ -147,7 +174,11 @@ class Client:
         if self._sock is None:
             return run_embedded(spec, on_output=on_output, on_progress=on_progress)
         job_id = next(self._ids)
-        self._write(RunJob(job_id, spec.to_dict(), stream_output=on_output is not None))
+        run, chunks = _run_messages(job_id, spec, stream_output=on_output is not None,
+                                    stdin_stream=False)
+        self._write(run)
+        for chunk in chunks:
+            self._write(chunk)
         while True:
             event = self._read()
             match event:
@@ -178,6 +209,11 @@ class Client:
         jobs: JobList = self._request(ListJobs(next(self._ids)), JobList)
         return {"running": jobs.running, "queued": jobs.queued, "limits": jobs.limits,
                 "pool": jobs.pool}
+
+    def kill(self, job: str) -> None:
+        """Kill a job of the daemon's (any client's of this user's) by the id `list_jobs`
+        and `sandbox ps` show; its result says ``cancelled``."""
+        self._request(KillJob(next(self._ids), job), JobKilled)
 
     def ping(self) -> float:
         """Round-trip time to the daemon, in seconds."""
@@ -222,9 +258,7 @@ def run_embedded(spec: JobSpec, *, on_output: OutputSink | None = None,
     try:
         return trio.run(main)
     except BaseExceptionGroup as group:  # trio nurseries wrap what a task raised
-        if (error := _first_sandbox_error(group)) is not None:
-            raise error from None
-        raise
+        raise _unwrap(group) from None
 
 
 def _first_sandbox_error(group: BaseExceptionGroup[BaseException]) -> SandboxError | None:
@@ -234,6 +268,14 @@ def _first_sandbox_error(group: BaseExceptionGroup[BaseException]) -> SandboxErr
         if isinstance(exc, BaseExceptionGroup) and (found := _first_sandbox_error(exc)):
             return found
     return None
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What trio's nurseries wrapped: Ctrl-C (KeyboardInterrupt, wherever it landed), else
+    the first `SandboxError`, else the group itself."""
+    if group.subgroup(KeyboardInterrupt) is not None:
+        return KeyboardInterrupt()
+    return _first_sandbox_error(group) or group
 
 
 def start_daemon(path: Path, idle_timeout: float = 300.0, wait: float = 30.0) -> None:
@@ -282,20 +324,49 @@ def daemon_unit(path: Path) -> str:
 
 
 def run_job(spec: JobSpec, *, on_output: OutputSink | None = None,
-            on_progress: ProgressSink | None = None) -> Result:
+            on_progress: ProgressSink | None = None, stdin_fd: int | None = None) -> Result:
     """What `sandbox exec` does: use the daemon when one runs, else run in-process.
     ``SANDBOX_DAEMON=never`` always runs in-process; ``=start`` starts a daemon (which exits
-    after 5 idle minutes) when none runs."""
+    after 5 idle minutes) when none runs. With ``stdin_fd`` the job's stdin is a stream of
+    what that descriptor gives, read as the job reads it (until EOF, or until the job ends:
+    ``yes | sandbox exec -i head -1`` ends at once)."""
     choice = os.environ.get("SANDBOX_DAEMON", "auto")
     if choice not in ("auto", "never", "start"):
         raise SandboxError(f"SANDBOX_DAEMON must be auto, never or start, not {choice!r}")
-    if choice == "never":
-        return run_embedded(spec, on_output=on_output, on_progress=on_progress)
     path = socket_path()
     if choice == "start" and not path.exists():
         start_daemon(path)
-    with Client(path, mode="daemon" if choice == "start" else "auto") as client:
+    mode = {"never": "embedded", "start": "daemon"}.get(choice, "auto")
+    if stdin_fd is not None:
+        return _run_streaming(spec, path, mode, stdin_fd, on_output, on_progress)
+    if mode == "embedded":
+        return run_embedded(spec, on_output=on_output, on_progress=on_progress)
+    with Client(path, mode=mode) as client:
         return client.run(spec, on_output=on_output, on_progress=on_progress)
+
+
+def _run_streaming(spec: JobSpec, path: Path, mode: str, stdin_fd: int,
+                   on_output: OutputSink | None, on_progress: ProgressSink | None) -> Result:
+    import trio  # noqa: PLC0415
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while data := await trio.to_thread.run_sync(os.read, stdin_fd, 1 << 16,
+                                                    abandon_on_cancel=True):
+            yield data
+
+    async def forward(stream: str, chunk: bytes) -> None:
+        assert on_output is not None  # (in a thread: a stalled reader must not stop us)
+        await trio.to_thread.run_sync(on_output, stream, chunk)
+
+    async def main() -> Result:
+        async with AsyncClient(path, mode=mode, on_progress=on_progress) as client:
+            return await client.run(spec, on_output=forward if on_output else None,
+                                    stdin=chunks())
+
+    try:
+        return trio.run(main)
+    except BaseExceptionGroup as group:
+        raise _unwrap(group) from None
 
 
 class AsyncClient:
@@ -305,19 +376,48 @@ class AsyncClient:
             async with trio.open_nursery() as n:
                 for spec in specs:
                     n.start_soon(client.run, spec)
+
+    As `Client`: ``mode="auto"`` uses the daemon when one runs and otherwise runs a
+    supervisor in this trio program (`embedded`); ``"daemon"`` insists on a daemon,
+    ``"embedded"`` never uses one.
     """
 
-    def __init__(self, path: Path | str | None = None) -> None:
+    def __init__(self, path: Path | str | None = None, *, mode: str = "auto",
+                 on_progress: ProgressSink | None = None) -> None:
+        if mode not in ("auto", "daemon", "embedded"):
+            raise ValueError(f"mode must be auto, daemon or embedded, not {mode!r}")
         self.path = Path(path) if path else socket_path()
+        self.mode = mode
+        self.on_progress = on_progress  # build and pull progress lines
         self._conn = Connection("client")
         self._ids = itertools.count(1)
         self._waiters: dict[int, Any] = {}
         self._stack = contextlib.AsyncExitStack()
         self._stream: trio.SocketStream | None = None
         self._lock: trio.Lock | None = None
+        self._supervisor: Any = None
+        self._controls: dict[int, Any] = {}
         self.limits: dict[str, int] = {}
 
+    @property
+    def embedded(self) -> bool:
+        """True when jobs run in this process (no daemon reachable)."""
+        return self._supervisor is not None
+
     async def __aenter__(self) -> AsyncClient:
+        if self.mode != "embedded":
+            try:
+                return await self._connect()
+            except DaemonError:
+                if self.mode == "daemon":
+                    raise
+        from .supervisor.core import Supervisor  # noqa: PLC0415
+
+        self._supervisor = await self._stack.enter_async_context(
+            Supervisor(on_progress=self.on_progress))
+        return self
+
+    async def _connect(self) -> AsyncClient:
         import trio  # noqa: PLC0415
 
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -336,17 +436,20 @@ class AsyncClient:
         self._lock = trio.Lock()
         await self._send(Hello(PROTOCOL_VERSION, f"sandbox-async-client {__version__}"))
         welcome = await self._next()
+        if isinstance(welcome, ErrorReply):
+            raise DaemonError(f"the daemon refused: {welcome.message}")
         if not isinstance(welcome, Welcome):
             raise DaemonError("the daemon did not answer the handshake")
         self.limits = dict(welcome.limits)
         nursery = await self._stack.enter_async_context(trio.open_nursery())
         nursery.start_soon(self._reader)
-        self._nursery = nursery
+        self._nursery: trio.Nursery | None = nursery
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
-        self._nursery.cancel_scope.cancel()
+        if self._stream is not None and self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
         await self._stack.aclose()
 
     async def _send(self, event: Event) -> None:
@@ -378,7 +481,12 @@ class AsyncClient:
                 return
             send = self._waiters.get(getattr(event, "id", -1))
             if send is not None:
-                await send.send(event)
+                import trio  # noqa: PLC0415
+
+                # (an answer that comes after its job's result, e.g. to stdin sent as the
+                # job ended, has no one to go to)
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await send.send(event)
 
     def _subscribe(self, job_id: int) -> Any:
         import trio  # noqa: PLC0415
@@ -397,12 +505,17 @@ class AsyncClient:
         import trio  # noqa: PLC0415
 
         job_id = next(self._ids)
+        if self._supervisor is not None:
+            return await self._run_embedded(job_id, spec, on_output, stdin)
         receive = self._subscribe(job_id)
         outcome: Result | SandboxError = DaemonError("the daemon closed the connection")
         done = False
         try:
-            await self._send(RunJob(job_id, spec.to_dict(), stream_output=on_output is not None,
-                                    stdin_stream=stdin is not None))
+            run, chunks = _run_messages(job_id, spec, stream_output=on_output is not None,
+                                        stdin_stream=stdin is not None)
+            await self._send(run)
+            for chunk in chunks:
+                await self._send(chunk)
             async with receive, trio.open_nursery() as nursery:
                 if stdin is not None:
                     nursery.start_soon(self._pump_stdin, job_id, stdin)
@@ -411,6 +524,8 @@ class AsyncClient:
                         shown = on_output(event.stream, event.data)
                         if inspect.isawaitable(shown):
                             await shown
+                    elif isinstance(event, Progress) and self.on_progress is not None:
+                        self.on_progress(event.line)
                     elif isinstance(event, JobFinished | ErrorReply):
                         done = True
                         outcome = (_finished(event) if isinstance(event, JobFinished)
@@ -431,10 +546,71 @@ class AsyncClient:
             await self._send(StdinData(job_id, chunk))
         await self._send(StdinData(job_id, b"", eof=True))
 
+    async def _run_embedded(self, job_id: int, spec: JobSpec,
+                            on_output: Callable[[str, bytes], Any] | None,
+                            stdin: AsyncIterator[bytes] | None) -> Result:
+        import inspect  # noqa: PLC0415
+
+        import trio  # noqa: PLC0415
+
+        from .supervisor.job import JobControl  # noqa: PLC0415
+
+        control = JobControl(stdin_stream=stdin is not None)
+        self._controls[job_id] = control
+
+        async def forward(stream: str, chunk: bytes) -> None:
+            assert on_output is not None
+            shown = on_output(stream, chunk)
+            if inspect.isawaitable(shown):
+                await shown
+
+        async def pump(chunks: AsyncIterator[bytes]) -> None:
+            async for chunk in chunks:
+                await control.send_stdin(chunk)
+            await control.send_stdin(b"", eof=True)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                if stdin is not None:
+                    nursery.start_soon(pump, stdin)
+                result: Result = await self._supervisor.run(
+                    spec, forward if on_output else None, control=control)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._controls.pop(job_id, None)
+        return result
+
     async def cancel(self, job_id: int) -> None:
+        if self._supervisor is not None:
+            if (control := self._controls.get(job_id)) is not None:
+                control.cancel()
+            return
         await self._send(CancelJob(job_id))
 
+    async def kill(self, job: str) -> None:
+        """Kill a job by the id `list_jobs` and `sandbox ps` show (see `Client.kill`)."""
+        if self._supervisor is not None:
+            self._supervisor.kill(job)
+            return
+        request = next(self._ids)
+        receive = self._subscribe(request)
+        try:
+            await self._send(KillJob(request, job))
+            async with receive:
+                async for answer in receive:
+                    if isinstance(answer, ErrorReply):
+                        raise SandboxError(answer.message)
+                    return
+        finally:
+            self._waiters.pop(request, None)
+        raise DaemonError("the daemon closed the connection")
+
     async def list_jobs(self) -> dict[str, Any]:
+        if self._supervisor is not None:
+            sup = self._supervisor
+            return {"running": [j.to_dict() for j in sup.running.values()],
+                    "queued": [j.to_dict() for j in sup.queued.values()],
+                    "limits": {"max_running": sup.max_running}, "pool": {}}
         job_id = next(self._ids)
         receive = self._subscribe(job_id)
         try:

@@ -7,6 +7,7 @@ subuid ranges or mmdebstrap are warnings (they matter for building images).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -173,10 +174,22 @@ def check_mmdebstrap() -> Check:
                  "" if ok else "not installed", "apt install mmdebstrap", required=False)
 
 
+def all_checks() -> list[Check]:
+    return [check_userns(), check_cgroups(), check_seccomp(), check_subuid(),
+            check_mmdebstrap()]
+
+
+def checks_json() -> dict[str, object]:
+    """``{"ok": exec will work with limits, "checks": [{name, ok, required, detail,
+    fix}...]}``."""
+    checks = all_checks()
+    return {"ok": all(c.ok for c in checks if c.required),
+            "checks": [dataclasses.asdict(c) for c in checks]}
+
+
 def run_checks(echo: Callable[[str], None]) -> int:
     """Print every check; return 0 when exec will work with limits, else 1."""
-    checks = [check_userns(), check_cgroups(), check_seccomp(), check_subuid(),
-              check_mmdebstrap()]
+    checks = all_checks()
     for c in checks:
         mark = "ok  " if c.ok else ("FAIL" if c.required else "warn")
         echo(f"{mark} {c.name}" + (f": {c.detail}" if c.detail else ""))

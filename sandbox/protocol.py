@@ -41,16 +41,29 @@ class Hello(NamedTuple):
 class RunJob(NamedTuple):
     """Run a job. ``spec`` is a `JobSpec` in dict form (validated by the server, so a bad
     spec is an error for this job only). With ``stdin_stream`` the job's stdin is a pipe fed
-    by `StdinData` messages instead of ``spec["stdin"]``."""
+    by `StdinData` messages instead of ``spec["stdin"]``. With ``files_follow`` each entry of
+    ``spec["files"]`` has a ``size`` instead of ``data``, and the data follows in `FileData`
+    messages (the job starts once every file is complete): files of any size travel in
+    bounded messages."""
 
     id: int
     spec: dict[str, Any]
     stream_output: bool = True
     stdin_stream: bool = False
+    files_follow: bool = False  # the files' data comes in `FileData` messages, not in spec
 
 
 class StdinData(NamedTuple):
     id: int
+    data: bytes = b""
+    eof: bool = False
+
+
+class FileData(NamedTuple):
+    """A chunk of file number ``file`` of job ``id`` (a `RunJob` with ``files_follow``)."""
+
+    id: int
+    file: int
     data: bytes = b""
     eof: bool = False
 
@@ -61,6 +74,13 @@ class CancelJob(NamedTuple):
 
 class ListJobs(NamedTuple):
     id: int
+
+
+class KillJob(NamedTuple):
+    """Kill a job of any connection of this user's, by the id `ListJobs` shows."""
+
+    id: int
+    job: str
 
 
 class Ping(NamedTuple):
@@ -130,24 +150,30 @@ class Pong(NamedTuple):
     id: int
 
 
+class JobKilled(NamedTuple):
+    id: int
+    job: str
+
+
 class VersionInfo(NamedTuple):
     id: int
     version: str
     protocol: int
 
 
-ClientEvent = Hello | RunJob | StdinData | CancelJob | ListJobs | Ping | GetVersion
+ClientEvent = (Hello | RunJob | StdinData | FileData | CancelJob | ListJobs | KillJob | Ping
+               | GetVersion)
 ServerEvent = (Welcome | JobQueued | JobStarted | Output | Progress | JobFinished | ErrorReply
-               | JobList | Pong | VersionInfo)
+               | JobList | JobKilled | Pong | VersionInfo)
 Event = ClientEvent | ServerEvent
 
 CLIENT_EVENTS: dict[str, type[Any]] = {
-    "hello": Hello, "run": RunJob, "stdin": StdinData, "cancel": CancelJob, "list": ListJobs,
-    "ping": Ping, "version": GetVersion}
+    "hello": Hello, "run": RunJob, "stdin": StdinData, "file": FileData, "cancel": CancelJob,
+    "list": ListJobs, "kill": KillJob, "ping": Ping, "version": GetVersion}
 SERVER_EVENTS: dict[str, type[Any]] = {
     "welcome": Welcome, "queued": JobQueued, "started": JobStarted, "output": Output,
     "progress": Progress, "result": JobFinished, "error": ErrorReply, "jobs": JobList,
-    "pong": Pong, "version_info": VersionInfo}
+    "killed": JobKilled, "pong": Pong, "version_info": VersionInfo}
 _NAMES: dict[type[Any], str] = {cls: name for name, cls in (*CLIENT_EVENTS.items(),
                                                             *SERVER_EVENTS.items())}
 

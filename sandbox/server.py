@@ -28,19 +28,22 @@ from typing import Any
 import trio
 
 from . import __version__, config, runtime
-from .errors import DaemonError, SandboxError
+from .errors import DaemonError, SandboxError, SpecError
 from .protocol import (
     PROTOCOL_VERSION,
     CancelJob,
     Connection,
     ErrorReply,
     Event,
+    FileData,
     GetVersion,
     Hello,
     JobFinished,
+    JobKilled,
     JobList,
     JobQueued,
     JobStarted,
+    KillJob,
     ListJobs,
     Output,
     Ping,
@@ -95,6 +98,7 @@ class DaemonConfig:
     max_queued: int = 4096
     max_jobs_per_connection: int = 1024
     max_message: int = 64 << 20
+    max_upload: int = 4 << 30  # a job's files, in `FileData` messages
     idle_timeout: float | None = None
     warm: tuple[str, ...] = ()
     fair: bool = False  # queued jobs take turns between connections (else arrival order)
@@ -102,7 +106,8 @@ class DaemonConfig:
     def limits(self) -> dict[str, int]:
         return {"max_running": self.max_running, "max_queued": self.max_queued,
                 "max_jobs_per_connection": self.max_jobs_per_connection,
-                "max_message": self.max_message, "pool_size": self.pool_size,
+                "max_message": self.max_message, "max_upload": self.max_upload,
+                "pool_size": self.pool_size,
                 "fair": int(self.fair)}
 
 
@@ -129,6 +134,7 @@ class Session:
         self.name = f"c{number}"
         self.conn = Connection("server", max_message=daemon.config.max_message)
         self.jobs: dict[int, JobControl] = {}
+        self.uploads: dict[int, _Upload] = {}
         self._outbox, self._outgoing = trio.open_memory_channel[bytes](float("inf"))
         self._pending = 0
         self._drained = trio.lowlevel.ParkingLot()
@@ -226,15 +232,35 @@ class Session:
                                                f"{daemon.config.max_queued} waiting jobs)"))
                 else:
                     control = JobControl(stdin_stream=event.stdin_stream)
+                    upload = None
+                    if event.files_follow:
+                        try:
+                            upload = _Upload.of(event.spec, daemon.config.max_upload)
+                        except SandboxError as e:
+                            await self.send(ErrorReply(job_id, str(e)))
+                            return
+                        self.uploads[job_id] = upload
                     self.jobs[job_id] = control
                     daemon.active_jobs += 1
-                    jobs.start_soon(self._run_job, event, control)
+                    jobs.start_soon(self._run_job, event, control, upload)
+            case FileData(id=job_id, file=index, data=chunk, eof=eof):
+                pending = self.uploads.get(job_id)
+                try:
+                    if pending is None:
+                        raise SandboxError(f"job {job_id} takes no more file data")
+                    if pending.add(index, chunk, eof):
+                        del self.uploads[job_id]
+                except SandboxError as e:
+                    self.uploads.pop(job_id, None)
+                    if (waiting := self.jobs.get(job_id)) is not None:
+                        waiting.cancel()
+                    await self.send(ErrorReply(job_id, str(e)))
             case StdinData(id=job_id, data=chunk, eof=eof):
                 target = self.jobs.get(job_id)
                 try:
                     if target is None:
                         raise SandboxError(f"no running job {job_id}")
-                    target.feed_stdin(chunk, eof)
+                    await target.send_stdin(chunk, eof)  # (waits for a slow reader)
                 except SandboxError as e:
                     await self.send(ErrorReply(job_id, str(e)))
             case CancelJob(id=job_id):
@@ -242,6 +268,13 @@ class Session:
                     target.cancel()
                 else:
                     await self.send(ErrorReply(job_id, f"no running job {job_id}"))
+            case KillJob(id=request, job=job):
+                try:
+                    daemon.supervisor.kill(job)
+                except SandboxError as e:
+                    await self.send(ErrorReply(request, str(e)))
+                else:
+                    await self.send(JobKilled(request, job))
             case ListJobs(id=job_id):
                 sup = daemon.supervisor
                 await self.send(JobList(job_id, [j.to_dict() for j in sup.running.values()],
@@ -254,7 +287,8 @@ class Session:
             case _:
                 raise RemoteProtocolError(f"unexpected {wire_name(event)}")
 
-    async def _run_job(self, req: RunJob, control: JobControl) -> None:
+    async def _run_job(self, req: RunJob, control: JobControl,
+                       upload: _Upload | None = None) -> None:
         sup = self.daemon.supervisor
         t0 = time.monotonic()
         token = trio.lowlevel.current_trio_token()
@@ -270,7 +304,13 @@ class Session:
 
         control.on_start = announce_start
         try:
-            spec = JobSpec.from_dict(req.spec)
+            spec_dict = req.spec
+            if upload is not None:
+                await upload.complete.wait()
+                if control.cancelled or upload.error:
+                    return  # (the error went out when the data broke off)
+                spec_dict = upload.spec()
+            spec = JobSpec.from_dict(spec_dict)
             if sup.admission.value == 0:
                 self.post(JobQueued(req.id, len(sup.queued) + 1))
             result = await sup.run(spec, on_output if req.stream_output else None,
@@ -290,7 +330,64 @@ class Session:
             await self.send(ErrorReply(req.id, f"internal error: {type(e).__name__}: {e}"))
         finally:
             self.jobs.pop(req.id, None)
+            self.uploads.pop(req.id, None)
             self.daemon.job_done()
+
+
+class _Upload:
+    """The files of a `RunJob` with ``files_follow``, as their `FileData` comes in."""
+
+    def __init__(self, spec: dict[str, Any], sizes: list[int]) -> None:
+        self.base = spec
+        self.sizes = sizes
+        self.parts: list[bytearray] = [bytearray() for _ in sizes]
+        self.open = set(range(len(sizes)))
+        self.complete = trio.Event()
+        self.error = False
+
+    @classmethod
+    def of(cls, spec: dict[str, Any], limit: int) -> _Upload:
+        files = spec.get("files")
+        if not isinstance(files, list) or not all(
+                isinstance(f, dict) and isinstance(f.get("size"), int) and f["size"] >= 0
+                for f in files):
+            raise SpecError("files_follow: every file needs a size")
+        sizes = [int(f["size"]) for f in files]
+        if sum(sizes) > limit:
+            raise SpecError(f"the job's files take {sum(sizes)} bytes: this daemon takes at "
+                            f"most {limit} (sandbox daemon --max-upload)")
+        upload = cls(spec, sizes)
+        if not sizes:
+            upload.complete.set()
+        return upload
+
+    def add(self, index: int, chunk: bytes, eof: bool) -> bool:
+        """Take a chunk; True once every file is complete."""
+        try:
+            if index not in self.open:
+                raise SpecError(f"file {index}: no such file, or it is complete already")
+            part = self.parts[index]
+            if len(part) + len(chunk) > self.sizes[index]:
+                raise SpecError(f"file {index}: more data than its size ({self.sizes[index]})")
+            part += chunk
+            if eof:
+                if len(part) != self.sizes[index]:
+                    raise SpecError(f"file {index}: {len(part)} of its {self.sizes[index]} "
+                                    "bytes came")
+                self.open.discard(index)
+        except SpecError:
+            self.error = True
+            self.complete.set()
+            raise
+        if not self.open:
+            self.complete.set()
+            return True
+        return False
+
+    def spec(self) -> dict[str, Any]:
+        files = [{**{k: v for k, v in f.items() if k != "size"}, "data": bytes(part)}
+                 for f, part in zip(self.base["files"], self.parts, strict=True)]
+        return {**self.base, "files": files}
 
 
 class Daemon:

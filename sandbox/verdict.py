@@ -47,12 +47,22 @@ def summary(result: dict[str, Any]) -> str:
 
 
 def json_view(result: dict[str, Any]) -> dict[str, Any]:
-    """The ``--json`` object: output decoded as UTF-8 (invalid bytes replaced), times
-    rounded to the microsecond."""
+    """The ``--json`` object: output as text where it is UTF-8, else base64, as
+    ``stdout_encoding``/``stderr_encoding`` (``utf-8`` or ``base64``) say; times rounded to
+    the microsecond."""
     d = dict(result)
     for stream in ("stdout", "stderr"):
         value = d.get(stream, b"")
-        d[stream] = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        encoding = "utf-8"
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                import base64  # noqa: PLC0415 - only for output that is not text
+
+                value, encoding = base64.b64encode(value).decode("ascii"), "base64"
+        d[stream] = value
+        d[f"{stream}_encoding"] = encoding
     for key in ("cpu_time", "wall_time", "setup_time"):
         d[key] = round(float(d.get(key, 0.0)), 6)
     return d
@@ -61,4 +71,5 @@ def json_view(result: dict[str, Any]) -> dict[str, Any]:
 def internal_error(message: str) -> dict[str, Any]:
     """The result shown for a job the sandbox refused or could not run."""
     return {"status": "internal_error", "exit_code": None, "signal": None, "cpu_time": 0.0,
-            "wall_time": 0.0, "memory": 0, "stdout": "", "stderr": "", "message": message}
+            "wall_time": 0.0, "memory": 0, "stdout": "", "stderr": "", "message": message,
+            "stdout_encoding": "utf-8", "stderr_encoding": "utf-8"}

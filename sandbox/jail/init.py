@@ -116,6 +116,10 @@ def _run(sock: socket.socket, prepare: list[Op], lifeline: int, idmap_fd: int,
     msg, fds = wire.recv(sock)
     if msg is None:  # the supervisor let this sandbox go unused
         return 0
+    if "go_fd" in msg:  # a large command line came in a sealed memfd, after the others
+        index = int(msg["go_fd"])
+        msg = wire.decode(os.pread(fds[index], int(msg["size"]), 0))
+        os.close(fds.pop(index))
     go, launch = decode(msg["go"]), decode(msg["launch"])
     ctx = Context(fds=fds)
     pid = None

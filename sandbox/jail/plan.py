@@ -165,6 +165,27 @@ class Launch:
     bpf: bytes
 
 
+MAX_ARG_STRLEN = 32 * 4096  # the kernel's bound on one argument or NAME=value
+
+
+def check_exec_size(argv: Sequence[str], env: Mapping[str, str], stack: int) -> None:
+    """Refuse, naming the limit, a command line the kernel's execve would refuse (E2BIG):
+    every string at most `MAX_ARG_STRLEN` bytes, all of them (and their pointers) at most
+    a quarter of the job's stack limit (``stack``, bytes; negative: unlimited)."""
+    from ..errors import SpecError  # noqa: PLC0415
+
+    strings = [a.encode() for a in argv] + [f"{k}={v}".encode() for k, v in env.items()]
+    longest = max((len(x) for x in strings), default=0)
+    if longest + 1 > MAX_ARG_STRLEN:
+        raise SpecError(f"an argument or environment variable of {longest} bytes: the "
+                        f"kernel's limit is {MAX_ARG_STRLEN - 1} bytes each")
+    total = sum(len(x) + 1 for x in strings) + 8 * (len(strings) + 2)
+    limit = stack // 4 if stack > 0 else 6 << 20
+    if total > limit:
+        raise SpecError(f"the command line and environment take {total} bytes: the kernel's "
+                        f"limit for this job is {limit} (a quarter of its stack limit)")
+
+
 def go(launch: Launch, idmap: IdMapping) -> list[o.Op]:
     """Ops init runs when a job arrives: copy its files in (descriptors 3.. of the go
     message, after stdio)."""

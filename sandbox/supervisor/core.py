@@ -78,6 +78,7 @@ class Supervisor:
         self._index_path = str(self.store.root / "index.json")
         self.queued: dict[str, JobInfo] = {}
         self.running: dict[str, JobInfo] = {}
+        self._controls: dict[str, JobControl] = {}
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -347,6 +348,7 @@ class Supervisor:
         idmap = self.idmap_for(upper_dir)
         env = plan.job_env(path=profile.path_env, home=job.workdir, lang=profile.lang,
                            image_env=image.env, extra=spec.env, user=user)
+        plan.check_exec_size(job.argv, env, profile.rlimits.get("stack", (8 << 20, 0))[0])
         launch = plan.Launch(argv=job.argv, env=env, files=[(f.name, f.mode) for f in job.files],
                              workdir=job.workdir, uid=job.uid, gid=job.gid,
                              rlimits=profile.rlimits, bpf=bpf)
@@ -355,6 +357,7 @@ class Supervisor:
         info = JobInfo(id=f"{os.getpid()}-{next(self._ids):x}", image=image.ref,
                        command=" ".join(argv)[:200], submitted=t0, owner=owner)
         self.queued[info.id] = info
+        self._controls[info.id] = control
         try:
             async with self.admission.slot(owner):
                 del self.queued[info.id]
@@ -368,6 +371,15 @@ class Supervisor:
         finally:
             self.queued.pop(info.id, None)
             self.running.pop(info.id, None)
+            self._controls.pop(info.id, None)
+
+    def kill(self, job_id: str) -> None:
+        """Kill the queued or running job ``job_id`` (the id `running`/`queued` show); its
+        result says ``cancelled``. `SpecError` when there is no such job."""
+        control = self._controls.get(job_id)
+        if control is None:
+            raise SpecError(f"no job {job_id!r} (see `sandbox ps`)")
+        control.cancel()
 
     async def _run_in_sandbox(self, shape: plan.SandboxShape, limits: Limits,
                               launch: plan.Launch, idmap: plan.IdMapping,

@@ -22,6 +22,7 @@ from .spawner import InitHandle
 OutputCallback = Callable[[str, bytes], Awaitable[None]]
 _NCPU = os.cpu_count() or 1
 MAX_STDIN_BUFFER = 64 << 20
+STDIN_HIGH_WATER = 1 << 20  # `JobControl.send_stdin` waits while this much is unread
 
 
 class JobControl:
@@ -35,6 +36,8 @@ class JobControl:
         self._kill: Callable[[], None] | None = None
         self._send, self.stdin_chunks = trio.open_memory_channel[bytes](float("inf"))
         self._buffered = 0
+        self._drained = trio.Event()
+        self._stdin_done = False  # the job closed its stdin, or ended
 
     def cancel(self) -> None:
         """Kill the job (or keep it from starting). Its result says ``cancelled``."""
@@ -56,8 +59,26 @@ class JobControl:
         if eof:
             self._send.close()
 
+    async def send_stdin(self, data: bytes, eof: bool = False) -> None:
+        """`feed_stdin`, but first wait while `STDIN_HIGH_WATER` bytes or more wait for the
+        job (a stream of any length, at the pace the job reads it); what comes after the
+        job stopped reading is dropped."""
+        while data and self._buffered >= STDIN_HIGH_WATER and not self._stdin_done:
+            if self._drained.is_set():
+                self._drained = trio.Event()
+            await self._drained.wait()
+        if self._stdin_done:
+            data = b""
+        self.feed_stdin(data, eof)
+
     def _consumed(self, n: int) -> None:
         self._buffered -= n
+        if self._buffered < STDIN_HIGH_WATER:
+            self._drained.set()
+
+    def _stdin_closed(self) -> None:
+        self._stdin_done = True
+        self._drained.set()
 
 
 @dataclass
@@ -102,6 +123,8 @@ async def _feed_stdin(stream: trio.lowlevel.FdStream, control: JobControl) -> No
                 control._consumed(len(chunk))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the job closed its stdin: drop the rest
+        finally:
+            control._stdin_closed()
 
 
 async def _watchdog(cgroup: JobCgroup, state: _State, init: InitHandle) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 import trio
 
 from ..config import PACKAGE_DIR, spawner_python
-from ..errors import SandboxError, SetupError, SpecError
+from ..errors import SandboxError, SetupError
 from ..jail import ops
 from ..jail.wire import MAX_FDS, MAX_MESSAGE
 
@@ -90,11 +91,22 @@ class InitHandle:
         self.ready_at = float(msg.get("time", 0.0))
 
     async def go(self, go_ops: list[ops.Op], launch_ops: list[ops.Op], fds: list[int]) -> None:
+        """Send the job (one datagram; a large command line travels in a sealed memfd
+        whose descriptor follows the others)."""
         data = _encode({"go": ops.encode(go_ops), "launch": ops.encode(launch_ops)})
-        if len(data) > MAX_GO_MESSAGE:  # one datagram: argv and env travel in it
-            raise SpecError(f"the job's command line and environment are too large "
-                            f"({len(data)} bytes with the set-up; at most {MAX_GO_MESSAGE})")
-        await _send(self.sock, data, fds)
+        if len(data) <= MAX_GO_MESSAGE:
+            await _send(self.sock, data, fds)
+            return
+        fd = os.memfd_create("go", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW
+                        | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+            await _send(self.sock, _encode({"go_fd": len(fds), "size": len(data)}), [*fds, fd])
+        finally:
+            os.close(fd)
 
     def alive(self) -> bool:
         import select  # noqa: PLC0415

@@ -375,8 +375,9 @@ def test_ps_shows_running_jobs_and_the_queue_order(tmp_path: Path, root_runner: 
         job.kill()
         job.communicate()
         assert d.stop() == 0
-    header, *rows = text.decode().splitlines()
+    header, columns, *rows = text.decode().splitlines()
     assert header.startswith("running 1/") and "(taking turns)" in header, text
+    assert columns.split() == ["ID", "STATE", "OWNER", "IMAGE", "TIME", "COMMAND"], text
     assert len(rows) == 1 and "running" in rows[0] and "sleep 30" in rows[0], text
     assert listing["limits"]["fair"] == 1 and len(listing["running"]) == 1, listing
 

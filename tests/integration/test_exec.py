@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import resource
@@ -38,7 +39,8 @@ def test_json_is_exactly_one_object(root_runner: Runner) -> None:
     text = proc.stdout.decode()
     obj, end = json.JSONDecoder().raw_decode(text)
     assert text[end:].strip() == ""
-    assert obj["stdout"] == "\ufffd\ufffd not utf-8"
+    assert obj["stdout_encoding"] == "base64"
+    assert base64.b64decode(obj["stdout"]) == b"\xff\xfe not utf-8"
 
 
 def test_nonzero_exit_passes_through(runner: Runner) -> None:

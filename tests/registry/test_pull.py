@@ -37,6 +37,8 @@ def test_pull_image_pushed_by_skopeo_and_run_a_job(cli: Cli, foreign: str, tag: 
     assert media[0].endswith(expected), media
     run = cli.ok("exec", "--json", "--image", ref, "sh", "-c", "echo hello $0", tag)
     assert json.loads(run.stdout)["stdout"] == f"hello {tag}\n"
+    again = json.loads(cli.ok("pull", "--json", ref).stdout)  # one object for scripts
+    assert again == {"name": ref, "digest": digest, "id": info["id"], "downloaded": False}
     if tag == "v2s2":
         return  # skopeo's oci: transport only lists OCI-typed manifests of a layout
     # skopeo reads the store back (an OCI layout) and agrees on the digest

@@ -60,6 +60,8 @@ def test_push_then_skopeo_and_podman_pull_and_run(root_cli: Cli, registry: Regis
     proc = root_cli.ok("push", "busybox", ref)
     digest = proc.stdout.strip()
     assert digest == local["manifest"]  # the store's manifest, byte for byte
+    again = json.loads(root_cli.ok("push", "--json", "busybox", ref).stdout)
+    assert (again["ref"], again["digest"], again["uploaded"]) == (ref, digest, 0), again
     assert skopeo_digest(ref) == digest
     pulled = _podman(podman_dir, "pull", "--tls-verify=false", ref)
     assert pulled.returncode == 0, pulled.stderr

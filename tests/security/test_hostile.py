@@ -405,10 +405,11 @@ def test_other_abis_cannot_make_a_system_call(hostile: Hostile, abi: str) -> Non
 
 
 def test_huge_argv_and_env_fail_cleanly_or_run(hostile: Hostile) -> None:
+    """Up to the kernel's limit a command line runs (beyond it, refused: what the CLI
+    itself could not even be started with is tested through the API, test_cli.py)."""
     many = ["a" * 1000] * 1000  # 1 MB of arguments
     r = hostile.exec("sh", "-c", 'echo "$#"', "sh", *many)
-    assert r["cli_exit"] == 125 and r["status"] == "internal_error", r
-    assert "too large" in r["message"] and "Traceback" not in r["cli_stderr"]
+    assert (r["status"], r["stdout"]) == ("ok", "1000\n"), r
     big = hostile.exec("--env", "BIG=" + "b" * 100_000, "sh", "-c", 'echo "${#BIG} $#"', "sh",
                        *["a" * 100] * 500)
     assert big["stdout"].split() == ["100000", "500"], big

@@ -22,7 +22,8 @@ def test_parse() -> None:
 
 def test_defers_to_the_full_cli() -> None:
     for argv in (["--help"], ["--memory", "lots", "x"], ["--pids", "0", "x"], ["--env", "NOEQ",
-                 "x"], ["--image"], [], ["--json=yes", "x"], ["--no-such", "x"]):
+                 "x"], ["--image"], [], ["--json=yes", "x"], ["--no-such", "x"], ["-i", "cat"],
+                 ["--stdin", "-", "cat"]):
         assert _fastexec.parse(argv) is None, argv
 
 

@@ -87,6 +87,8 @@ def test_result_exit_codes_and_json() -> None:
     assert Result(status=Status.TIME_LIMIT, signal=9).cli_exit_code == 137
     assert Result(status=Status.INTERNAL_ERROR, message="x").cli_exit_code == 125
     assert Result(status=Status.TIME_LIMIT, exit_code=0).cli_exit_code == 1
-    r = Result(status=Status.OK, exit_code=0, stdout=b"\xff ok")
-    assert r.to_json()["stdout"] == "\ufffd ok"
+    r = Result(status=Status.OK, exit_code=0, stdout=b"\xff ok", stderr=b"text")
+    shown = r.to_json()  # output that is not UTF-8 comes as base64, and says so
+    assert (shown["stdout"], shown["stdout_encoding"]) == ("/yBvaw==", "base64")
+    assert (shown["stderr"], shown["stderr_encoding"]) == ("text", "utf-8")
     assert Result.from_dict(r.to_dict()) == r
