@@ -509,6 +509,8 @@ def profile_show(name: str, bpf: bool) -> None:
               help="Queued jobs take turns between connections (default: arrival order).")
 @click.option("--max-jobs-per-connection", type=click.IntRange(1, 1000000), default=1024,
               show_default=True, help="Jobs one connection may have queued or running.")
+@click.option("--max-upload", callback=_size, default="1G", show_default=True,
+              help="Largest total of one job's files sent in pieces (held in memory).")
 @click.option("--max-message", callback=_size, default="64M", show_default=True,
               help="Largest protocol message accepted.")
 @click.option("--idle-timeout", type=float, metavar="SECONDS",
@@ -517,16 +519,16 @@ def profile_show(name: str, bpf: bool) -> None:
               default="info", show_default=True, help="The least important log line shown.")
 def daemon_cmd(socket_path: Path | None, pool_size: int, warm: tuple[str, ...],
                max_running: int | None, max_queued: int, fair: bool,
-               max_jobs_per_connection: int, max_message: int, idle_timeout: float | None,
-               log_level: str) -> None:
+               max_jobs_per_connection: int, max_upload: int, max_message: int,
+               idle_timeout: float | None, log_level: str) -> None:
     """Serve the supervisor on a unix socket; `sandbox exec` and the Python API use it
     when it runs (SIGTERM stops it cleanly)."""
     from .server import DaemonConfig, run_daemon  # noqa: PLC0415
 
     cfg = DaemonConfig(pool_size=pool_size, max_queued=max_queued,
                        max_jobs_per_connection=max_jobs_per_connection,
-                       max_message=max_message, idle_timeout=idle_timeout, warm=warm,
-                       fair=fair)
+                       max_message=max_message, max_upload=max_upload,
+                       idle_timeout=idle_timeout, warm=warm, fair=fair)
     if socket_path is not None:
         cfg.socket_path = socket_path.absolute()
     if max_running is not None:

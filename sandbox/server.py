@@ -98,7 +98,7 @@ class DaemonConfig:
     max_queued: int = 4096
     max_jobs_per_connection: int = 1024
     max_message: int = 64 << 20
-    max_upload: int = 4 << 30  # a job's files, in `FileData` messages
+    max_upload: int = 1 << 30  # a job's files, in `FileData` messages (held in memory)
     idle_timeout: float | None = None
     warm: tuple[str, ...] = ()
     fair: bool = False  # queued jobs take turns between connections (else arrival order)

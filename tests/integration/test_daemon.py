@@ -516,3 +516,25 @@ def test_daemon_is_not_bound_by_a_low_descriptor_soft_limit(tmp_path: Path,
         assert outputs == [f"{i}\n".encode() for i in range(30)]
     finally:
         assert d.stop() == 0, d.log.read_text()[-3000:]
+
+
+def test_large_files_travel_in_pieces_and_the_upload_is_bounded(tmp_path: Path,
+                                                                shared_tmp: Path) -> None:
+    d = start_daemon(tmp_path, "--pool", "0", "--max-upload", "20M")
+    env = {**os.environ, "SANDBOX_SOCKET": str(d.path)}
+    try:
+        fits, too_big = shared_tmp / "fits.bin", shared_tmp / "too-big.bin"
+        fits.write_bytes(b"f" * (17 << 20))  # over 16 MiB: sent in 1 MiB pieces
+        too_big.write_bytes(b"t" * (30 << 20))
+        for p in (fits, too_big):
+            p.chmod(0o644)
+        ok = subprocess.run([SANDBOX, "exec", "--json", "--image", "busybox", "--file",
+                             str(fits), "wc", "-c", "fits.bin"], env=env, capture_output=True)
+        assert json.loads(ok.stdout)["stdout"].split()[0] == str(17 << 20), ok.stderr
+        refused = subprocess.run([SANDBOX, "exec", "--image", "busybox", "--file",
+                                  str(too_big), "true"], env=env, capture_output=True)
+        err = refused.stderr.decode()
+        assert refused.returncode == 125 and len(err.strip().splitlines()) == 1, err
+        assert "this daemon takes at most 20971520 (sandbox daemon --max-upload)" in err, err
+    finally:
+        assert d.stop() == 0
