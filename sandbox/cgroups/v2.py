@@ -48,8 +48,10 @@ _JOB_RE = re.compile(r"^(\d+)-[0-9a-z]+$")
 
 
 def _keyed(path: Path) -> dict[str, int]:
+    """``key value`` lines; nothing once the cgroup is gone (ENOENT, or ENODEV while the
+    kernel tears it down: systemd removes a dead spawner's scope with its job cgroups)."""
     out: dict[str, int] = {}
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):
         for line in path.read_text().splitlines():
             key, _, value = line.partition(" ")
             with contextlib.suppress(ValueError):
@@ -104,7 +106,7 @@ class V2Cgroup:
     def stats(self) -> Stats:
         peak = 0
         if self._has_peak:
-            with contextlib.suppress(FileNotFoundError, ValueError):
+            with contextlib.suppress(OSError, ValueError):
                 peak = int((self.path / "memory.peak").read_text())
         else:
             self.sample()
@@ -112,7 +114,7 @@ class V2Cgroup:
         return Stats(cpu_time=self.cpu_time(), memory_peak=peak, oom_killed=self.oom_killed())
 
     def pids(self) -> list[int]:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             return sorted(int(x) for x in (self.path / "cgroup.procs").read_text().split())
         return []
 
@@ -121,9 +123,9 @@ class V2Cgroup:
             try:
                 os.rmdir(self.path)
                 return
-            except FileNotFoundError:
-                return
             except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ENODEV):  # gone (systemd removed it)
+                    return
                 if e.errno != errno.EBUSY:
                     raise CgroupError(f"cannot remove cgroup {self.path}: {e.strerror}") from None
             if attempt % 20 == 0 and (self.path / "cgroup.kill").exists():
