@@ -21,7 +21,7 @@ import trio
 from .. import cgroups, config, seccomp
 from ..cgroups import JobCgroup
 from ..errors import ImageError, SandboxError, SpecError
-from ..images import layers
+from ..images.layers import read_merged
 from ..images.store import Image, Lease, Store
 from ..jail import ops, plan
 from ..profiles import Profile, load_profile
@@ -227,7 +227,10 @@ class Supervisor:
             return result
         from ..images.build import shipped_recipe  # noqa: PLC0415
 
-        if self._find(name) is None and shipped_recipe(name) is None:
+        try:
+            if self._find(name) is None and shipped_recipe(name) is None:
+                return result
+        except ImageError:  # not even a name an image could have
             return result
         hint = (f"{name}: command not found in the image {image.ref}; {name} is an image: "
                 f"sandbox exec --image {name} COMMAND...")
@@ -249,8 +252,7 @@ class Supervisor:
             lower = image.lower_dirs()
             hit = self._etc_cache[key] = plan.etc_files(
                 hostname=profile.hostname, uid=job.uid, gid=job.gid, home=job.workdir,
-                passwd=layers.read_merged(lower, "etc/passwd"),
-                group=layers.read_merged(lower, "etc/group"))
+                passwd=read_merged(lower, "etc/passwd"), group=read_merged(lower, "etc/group"))
         user, etc = hit
         return user, self.shape(image, profile, limits, writable_root=not read_only,
                                 workdir=job.workdir, host_network=host_network,

@@ -81,6 +81,8 @@ def test_a_missing_host_file_is_125_a_missing_command_127(runner: Runner) -> Non
     proc = runner.run(["exec", "--image", "busybox", "no-such-command"])
     assert proc.returncode == 127
     assert proc.stderr.decode().strip() == "sandbox: no-such-command: command not found"
+    proc = runner.run(["exec", "--image", "busybox", "no such:command"])  # no image's name
+    assert proc.returncode == 127, proc.stderr
 
 
 def test_an_image_given_as_program_says_what_to_type(runner: Runner) -> None:
